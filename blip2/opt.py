@@ -1,0 +1,129 @@
+"""OPT decoder (the language model of blip2-opt-*): learned positions, ReLU FFN, pre- or post-LN.
+
+Module and parameter names follow the checkpoint keys under `language_model.`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import OPTConfig
+from .layers import ACT, KVCache
+
+# OPT's learned position table has two extra rows in front (a fairseq legacy); position p reads row p + 2.
+POSITION_OFFSET = 2
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.scaling = (cfg.hidden_size // cfg.num_attention_heads) ** -0.5
+        bias = cfg.enable_bias
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int,
+                cache_pos: torch.Tensor | None) -> torch.Tensor:
+        b, n, d = x.shape
+        heads = lambda t: t.view(b, n, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        # The reference scales q before the product (not the scores): same order here for the same rounding.
+        q = heads(self.q_proj(x) * self.scaling)
+        k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
+        if cache is not None:
+            k, v = cache.update(layer, cache_pos, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class OPTLayer(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.pre_ln = cfg.do_layer_norm_before
+        self.act = ACT[cfg.activation_function]
+        affine = cfg.layer_norm_elementwise_affine
+        self.self_attn = OPTAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.ffn_dim, bias=cfg.enable_bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.hidden_size, bias=cfg.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
+
+    def forward(self, x, mask, cache, layer, cache_pos):
+        if self.pre_ln:
+            x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, cache_pos)
+            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        x = self.self_attn_layer_norm(x + self.self_attn(x, mask, cache, layer, cache_pos))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+        if cfg.word_embed_proj_dim != cfg.hidden_size:
+            self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False)
+            self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False)
+        if cfg.final_layer_norm:
+            self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine)
+        self.layers = nn.ModuleList(OPTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class OPTModel(nn.Module):
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.decoder = OPTDecoder(cfg)
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT language model over input embeddings (text embeddings with the image queries scattered in)."""
+
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = OPTModel(cfg)
+        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder.embed_tokens(input_ids)
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                cache: KVCache | None = None, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states before lm_head, [B, L, word_embed_proj_dim].
+
+        embeds [B, L, word_embed_proj_dim]; positions [B, L] (0-based; -1 for padding, as the reference
+        computes them from the cumulative attention mask); mask: boolean [B, 1, L, keys], True where a
+        query may attend; cache/cache_pos: write this step's keys and values at cache_pos.
+        """
+        dec = self.model.decoder
+        if hasattr(dec, "project_in"):
+            embeds = dec.project_in(embeds)
+        x = embeds + dec.embed_positions(positions + POSITION_OFFSET)
+        for i, layer in enumerate(dec.layers):
+            x = layer(x, mask, cache, i, cache_pos)
+        if hasattr(dec, "final_layer_norm"):
+            x = dec.final_layer_norm(x)
+        if hasattr(dec, "project_out"):
+            x = dec.project_out(x)
+        return x
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len,
+                       cfg.hidden_size // cfg.num_attention_heads, dtype, device)
+
+
+def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 0/1 padding mask -> boolean [B, 1, L, L]: causal, and padded keys hidden."""
+    n = attention_mask.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril()
+    return (causal[None] & attention_mask.bool()[:, None, :])[:, None]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions as the reference derives them: cumulative count of real tokens, -1 on padding."""
+    return (attention_mask.long().cumsum(1) * attention_mask.long() - 1)

@@ -1,0 +1,177 @@
+"""Checkpoint files -> a model built on the meta device, one tensor at a time.
+
+Each tensor is read from disk, converted to its final dtype and device, and placed; the model is
+never held twice (a float32 checkpoint loaded as bfloat16 never exists in float32 in memory).
+Safetensors shards are read with plain file reads rather than mmap, so pages of the shard file do
+not count towards the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint file is missing, truncated or does not match the model."""
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, preferring safetensors."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = directory / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise WeightsError(f"{index}: not a valid shard index ({e})") from None
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.exists():
+                    raise WeightsError(f"{f}: shard listed in {index.name} is missing")
+            return files
+        if (directory / single).exists():
+            return [directory / single]
+    raise WeightsError(f"{directory}: no model.safetensors, sharded safetensors or pytorch_model.bin found")
+
+
+def _safetensors_header(path: Path, f) -> tuple[dict, int]:
+    size = path.stat().st_size
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise WeightsError(f"{path}: truncated safetensors file (no header)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > size - 8:
+        raise WeightsError(f"{path}: corrupt or truncated safetensors header")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise WeightsError(f"{path}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    end = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + end > size:
+        raise WeightsError(f"{path}: truncated ({size} bytes, header says {8 + n + end})")
+    return header, 8 + n
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) from a safetensors file, each tensor read into fresh memory."""
+    with open(path, "rb") as f:
+        header, base = _safetensors_header(path, f)
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _ST_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise WeightsError(f"{path}: {key} has unsupported dtype {info['dtype']}")
+            start, end = info["data_offsets"]
+            t = torch.empty(info["shape"], dtype=dtype)
+            if t.numel() * t.element_size() != end - start:
+                raise WeightsError(f"{path}: {key} has {end - start} bytes for shape {info['shape']}")
+            f.seek(base + start)
+            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
+            if buf is not None and f.readinto(buf) != end - start:
+                raise WeightsError(f"{path}: truncated while reading {key}")
+            yield key, t
+
+
+def read_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt zip/pickle files
+        raise WeightsError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
+    yield from state.items()
+
+
+def read_checkpoint(directory: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for path in checkpoint_files(directory):
+        reader = read_safetensors if path.suffix == ".safetensors" else read_bin
+        for key, t in reader(path):
+            yield key, t, path
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+
+
+# Keys a checkpoint may carry that duplicate or do not feed a parameter of ours.
+_ALIASES = {  # tied copies of the T5 embedding
+    "language_model.encoder.embed_tokens.weight": "language_model.shared.weight",
+    "language_model.decoder.embed_tokens.weight": "language_model.shared.weight",
+}
+_IGNORED = ("language_model.decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+
+def load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.device) -> None:
+    """Fill every parameter of a meta-device `model` from the checkpoint in `directory`.
+
+    dtype_of(name) gives each parameter's final dtype. Tied heads (OPT lm_head, T5 embeddings) are
+    tied when the checkpoint does not store them. Any missing, unexpected or misshapen key is an error.
+    """
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    loaded: set[str] = set()
+    aliased: dict[str, tuple[torch.Tensor, Path]] = {}
+    lavis_bias: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected: list[str] = []
+
+    def place(name: str, t: torch.Tensor, path: Path) -> None:
+        if tuple(t.shape) != tuple(expected[name]):
+            raise WeightsError(f"{path}: {name} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}")
+        _set(model, name, t.to(device=device, dtype=dtype_of(name)))
+        loaded.add(name)
+
+    for key, t, path in read_checkpoint(directory):
+        if key in expected:
+            place(key, t, path)
+        elif key in _ALIASES:
+            aliased.setdefault(_ALIASES[key], (t, path))
+        elif key.endswith((".self_attn.q_bias", ".self_attn.v_bias")) and key.startswith("vision_model."):
+            # LAVIS stores the EVA attention bias as q_bias and v_bias; K has none.
+            prefix, _, which = key.rpartition(".")
+            lavis_bias.setdefault(prefix, {})[which] = t
+        elif key not in _IGNORED:
+            unexpected.append(f"{key} ({path.name})")
+    for prefix, parts in lavis_bias.items():
+        if set(parts) != {"q_bias", "v_bias"} or f"{prefix}.qkv.bias" not in expected:
+            unexpected.append(f"{prefix}.{'/'.join(parts)}")
+            continue
+        q, v = parts["q_bias"], parts["v_bias"]
+        place(f"{prefix}.qkv.bias", torch.cat([q, torch.zeros_like(q), v]), directory)
+    for name, (t, path) in aliased.items():
+        if name not in loaded:
+            place(name, t, path)
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise WeightsError(f"{directory}: unexpected keys for this config: {', '.join(unexpected[:5])}{more}")
+    _tie_heads(model, loaded)
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise WeightsError(f"{directory}: missing weights: {', '.join(missing[:5])}{more}")
+
+
+def _tie_heads(model: nn.Module, loaded: set[str]) -> None:
+    """Share the embedding as the output head when the checkpoint relies on tying."""
+    cfg = model.config.text
+    head = "language_model.lm_head.weight"
+    if head in loaded or not cfg.tie_word_embeddings:
+        return
+    embedding = ("language_model.shared.weight" if cfg.is_encoder_decoder
+                 else "language_model.model.decoder.embed_tokens.weight")
+    if embedding in loaded:
+        lm = model.language_model
+        lm.lm_head.weight = (lm.shared if cfg.is_encoder_decoder else lm.model.decoder.embed_tokens).weight
+        loaded.add(head)

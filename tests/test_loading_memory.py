@@ -1,0 +1,56 @@
+"""Loading a float32 checkpoint as bfloat16 never holds a float32 copy of the model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints import tiny_config, write_checkpoint
+
+MiB = 2**20
+
+PROBE = """
+import json, sys, torch, blip2
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+blip2.load(sys.argv[2], dtype="bfloat16")  # first load pays fixed costs (lazy imports, allocator setup)
+before = status("VmRSS")
+model = blip2.load(sys.argv[1], dtype="bfloat16")
+print(json.dumps({"before": before, "peak": status("VmHWM"), "after": status("VmRSS")}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_bfloat16_load_peak_is_bfloat16_model_plus_one_tensor(tmp_path):
+    # ~70 M parameters: 280 MiB in float32, 140 MiB in bfloat16; the largest tensor is 80 MiB in float32.
+    cfg = tiny_config("opt", vocab_size=20480, hidden_size=1024, num_hidden_layers=4, ffn_dim=4096,
+                      num_attention_heads=8)
+    path = write_checkpoint(tmp_path / "big", cfg, fmt="sharded", seed=0)
+    tiny = write_checkpoint(tmp_path / "tiny", tiny_config("opt"), seed=0)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(tiny)], capture_output=True, text=True,
+                         check=True)
+    m = json.loads(out.stdout)
+    params = sum(v for v in _sizes(path).values())
+    bf16 = params * 2
+    largest_fp32 = max(_sizes(path).values()) * 4
+    grown = m["peak"] - m["before"]
+    assert grown < bf16 + largest_fp32 + 48 * MiB, (grown / MiB, bf16 / MiB)
+    assert grown < params * 4  # far below a float32 copy
+
+
+def _sizes(path) -> dict[str, int]:
+    """Element count of every stored tensor."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    sizes = {}
+    for shard in path.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            sizes.update({k: prod(f.get_slice(k).get_shape()) for k in f.keys()})
+    return sizes
