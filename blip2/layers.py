@@ -54,6 +54,12 @@ class KVCache:
         self.v[layer].index_copy_(2, pos, v)
         return self.k[layer], self.v[layer]
 
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding batch rows `rows` (one input's prefill shared by its beams)."""
+        new = KVCache.__new__(KVCache)
+        new.k, new.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
+        return new
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep batch rows `rows` (beam search), in place."""
         self.k.copy_(self.k.index_select(1, rows))

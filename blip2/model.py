@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from .config import Blip2Config
-from .opt import OPTForCausalLM, causal_mask, positions_from_mask
+from .generation import GenerationConfig, Sequence, generate
+from .opt import OPTForCausalLM, OPTSession, causal_mask, positions_from_mask
 from .qformer import QFormer
-from .t5 import T5ForConditionalGeneration
+from .t5 import T5ForConditionalGeneration, T5Session
 from .vision import VisionModel
 
 
@@ -81,3 +82,27 @@ class Blip2Model(nn.Module):
                                            dtype=torch.long, device=embeds.device)
         encoded = lm.encode(embeds, mask)
         return lm.lm_head(lm.decode(decoder_input_ids, lm.cross_kv(encoded), mask))
+
+    def generate(self, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 gen: GenerationConfig) -> list[list[Sequence]]:
+        """New tokens for each input: `gen.num_return_sequences` sequences per row of input_ids, best first.
+
+        queries: encode_images' output, one row per input (repeat an image's row to ask it several things).
+        """
+        cfg = self.config
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, mask = self.embed_inputs(queries, input_ids, attention_mask)
+        copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
+        lm = self.language_model
+        if cfg.is_encoder_decoder:
+            session = T5Session(lm, embeds, mask, copies, gen.max_new_tokens)
+            history = torch.full((input_ids.shape[0], 1), cfg.text.decoder_start_token_id, device=input_ids.device)
+            ignore = None
+        else:
+            session = OPTSession(lm, embeds, mask, copies, gen.max_new_tokens)
+            # The reference's processors see its input_ids; its repetition penalty skips leading padding.
+            history = input_ids
+            ignore = attention_mask.cumsum(1) == 0
+        pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else cfg.eos_token_ids[0]
+        return generate(session, history, gen, cfg.eos_token_ids, pad, ignore)

@@ -127,3 +127,53 @@ def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as the reference derives them: cumulative count of real tokens, -1 on padding."""
     return (attention_mask.long().cumsum(1) * attention_mask.long() - 1)
+
+
+class OPTSession:
+    """Incremental decoding of a batch: prefill once per input, then one token per row per step.
+
+    Rows are the inputs repeated `copies` times each (beams or samples), sharing the prefill.
+    """
+
+    def __init__(self, lm: OPTForCausalLM, embeds: torch.Tensor, attention_mask: torch.Tensor, copies: int,
+                 max_new_tokens: int):
+        self.lm, self.embeds, self.mask, self.copies = lm, embeds, attention_mask, copies
+        b, n, _ = embeds.shape
+        max_len = n + max_new_tokens
+        if max_len > lm.config.max_position_embeddings:
+            raise ValueError(f"{n} input positions + {max_new_tokens} new tokens exceed the model's "
+                             f"{lm.config.max_position_embeddings} positions")
+        self.cache = lm.new_cache(b, max_len, embeds.dtype, embeds.device)
+        self.valid = torch.zeros(b, max_len, dtype=torch.bool, device=embeds.device)
+        self.valid[:, :n] = attention_mask.bool()
+        self.next_pos = attention_mask.long().sum(1)  # positions count real tokens only
+        self.t = n
+
+    def prefill(self) -> torch.Tensor:
+        """Logits [rows, vocab] (float32) for the token after each input."""
+        n = self.embeds.shape[1]
+        slots = torch.arange(n, device=self.embeds.device)
+        keys = torch.arange(self.cache.max_len, device=self.embeds.device)
+        mask = ((keys[None, :] <= slots[:, None])[None] & self.valid[:, None, :])[:, None]
+        hidden = self.lm(self.embeds, positions_from_mask(self.mask), mask, self.cache, slots)
+        if self.copies > 1:
+            rows = torch.arange(self.embeds.shape[0], device=self.embeds.device).repeat_interleave(self.copies)
+            self.cache = self.cache.select(rows)
+            self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+        self.embeds = self.mask = None
+        return self.lm.lm_head(hidden[:, -1]).float().repeat_interleave(self.copies, 0)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [rows]; logits [rows, vocab] (float32) for the next."""
+        self.valid[:, self.t] = True
+        slot = torch.tensor([self.t], device=tokens.device)
+        hidden = self.lm(self.lm.embed(tokens)[:, None], self.next_pos[:, None], self.valid[:, None, None, :],
+                         self.cache, slot)
+        self.next_pos += 1
+        self.t += 1
+        return self.lm.lm_head(hidden[:, -1]).float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder(rows)
+        self.valid = self.valid[rows]
+

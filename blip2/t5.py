@@ -226,3 +226,33 @@ class T5ForConditionalGeneration(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
         cfg = self.config
         return KVCache(cfg.num_decoder_layers, batch, cfg.num_heads, max_len, cfg.d_kv, dtype, device)
+
+
+class T5Session:
+    """Incremental decoding: encode each input once, then one decoder token per row per step.
+
+    Rows are the inputs repeated `copies` times each (beams or samples). Beam reordering only
+    permutes rows of the same input, so the cross-attention keys and values never need reordering.
+    """
+
+    def __init__(self, lm: T5ForConditionalGeneration, embeds: torch.Tensor, attention_mask: torch.Tensor,
+                 copies: int, max_new_tokens: int):
+        self.lm = lm
+        rows = torch.arange(embeds.shape[0], device=embeds.device).repeat_interleave(copies)
+        self.cross = lm.cross_kv(lm.encode(embeds, attention_mask)).select(rows)
+        self.encoder_mask = attention_mask[rows]
+        self.cache = lm.new_cache(len(rows), max_new_tokens + 1, embeds.dtype, embeds.device)
+        self.t = 0
+
+    def prefill(self) -> torch.Tensor:
+        start = torch.full((self.encoder_mask.shape[0],), self.lm.config.decoder_start_token_id,
+                           dtype=torch.long, device=self.encoder_mask.device)
+        return self.step(start)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.decode(tokens[:, None], self.cross, self.encoder_mask, self.cache, self.t)
+        self.t += 1
+        return self.lm.lm_head(hidden[:, -1]).float()
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder(rows)

@@ -1,0 +1,262 @@
+"""One generation loop for both language models: greedy, sampling and beam search.
+
+The language model is reached through a session with three calls: `prefill()`, `step(tokens)` and
+`reorder(rows)` (OPTSession, T5Session). Scores are processed in the reference's order so that
+greedy and beam search pick the same tokens as `transformers`' generate on the same logits. Lengths
+always count new tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. Defaults are greedy decoding of up to 30 new tokens."""
+
+    max_new_tokens: int = 30
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens} must be between 0 and max_new_tokens")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
+        if self.num_return_sequences < 1 or (self.num_beams > 1 and self.num_return_sequences > self.num_beams):
+            raise ValueError(f"num_return_sequences={self.num_return_sequences} must be between 1 and num_beams")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+
+    @classmethod
+    def make(cls, base: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":
+        """Copy `base` (or the defaults) with overrides; an unknown setting is an error naming it."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown generation setting(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = {f.name: getattr(base, f.name) for f in fields(cls)} if base else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass
+class Sequence:
+    """One generated continuation: its new token ids (end-of-sequence included when reached) and score."""
+
+    token_ids: list[int]
+    score: float
+    finished: bool = field(default=True)
+
+
+class ScoreProcessor:
+    """The reference's logits processors, in its order: repetition penalty, n-gram ban, min new tokens;
+    then, when sampling, temperature, top-k and top-p."""
+
+    def __init__(self, gen: GenerationConfig, eos: torch.Tensor, prompt_len: int, ignore: torch.Tensor | None):
+        self.gen, self.eos, self.prompt_len = gen, eos, prompt_len
+        self.ignore = ignore  # [rows, prompt_len] True where the repetition penalty skips (leading padding)
+
+    def __call__(self, history: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        gen = self.gen
+        if gen.repetition_penalty != 1.0:
+            ids = history
+            if self.ignore is not None:
+                vocab = scores.shape[-1]
+                ids = history.clone()
+                ids[:, : self.ignore.shape[1]].masked_fill_(self.ignore, vocab)
+                scores = F.pad(scores, (0, 1))
+            picked = scores.gather(1, ids)
+            picked = torch.where(picked < 0, picked * gen.repetition_penalty, picked / gen.repetition_penalty)
+            scores = scores.scatter(1, ids, picked)
+            if self.ignore is not None:
+                scores = scores[:, :-1]
+        if gen.no_repeat_ngram_size > 0:
+            scores = _ban_repeated_ngrams(history, scores, gen.no_repeat_ngram_size)
+        if history.shape[1] - self.prompt_len < gen.min_new_tokens and len(self.eos):
+            scores = scores.index_fill(1, self.eos, float("-inf"))
+        return scores
+
+    def warp(self, scores: torch.Tensor, min_keep: int = 1) -> torch.Tensor:
+        gen = self.gen
+        if gen.temperature != 1.0:
+            scores = scores / gen.temperature
+        if gen.top_k:
+            k = min(max(gen.top_k, min_keep), scores.shape[-1])
+            kth = torch.topk(scores, k)[0][..., -1, None]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if gen.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            cumulative = sorted_scores.softmax(-1).cumsum(-1)
+            remove = cumulative <= 1 - gen.top_p
+            remove[..., -min_keep:] = False
+            scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+        return scores
+
+
+def _ban_repeated_ngrams(history: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+    length = history.shape[1]
+    if length + 1 < n:
+        return scores
+    scores = scores.clone()
+    for row, ids in enumerate(history.tolist()):
+        prefix = tuple(ids[length + 1 - n:])
+        banned = {ids[i + n - 1] for i in range(length - n + 1) if tuple(ids[i:i + n - 1]) == prefix}
+        if banned:
+            scores[row, list(banned)] = float("-inf")
+    return scores
+
+
+def generate(session, history: torch.Tensor, gen: GenerationConfig, eos_token_ids: list[int], pad_token_id: int,
+             ignore: torch.Tensor | None = None) -> list[list[Sequence]]:
+    """Decode from a session whose rows are the inputs repeated (num_beams or num_return_sequences) times.
+
+    history [inputs, prompt_len]: the ids the reference's processors see (its input_ids for OPT,
+    the decoder start token for T5). Returns, per input, `num_return_sequences` sequences, best first.
+    """
+    device = history.device
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    generator = None
+    if gen.do_sample:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
+    copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
+    history = history.repeat_interleave(copies, 0)
+    if ignore is not None:
+        ignore = ignore.repeat_interleave(copies, 0)
+    process = ScoreProcessor(gen, eos, history.shape[1], ignore)
+    run = _beam_search if gen.num_beams > 1 else _sample_or_greedy
+    return run(session, history, gen, eos, pad_token_id, process, generator)
+
+
+def _sample_or_greedy(session, history, gen, eos, pad, process, generator):
+    rows = history.shape[0]
+    unfinished = torch.ones(rows, dtype=torch.bool, device=history.device)
+    total = torch.zeros(rows, device=history.device)
+    logits = session.prefill()
+    new = []
+    for step in range(gen.max_new_tokens):
+        scores = process(history, logits)
+        if gen.do_sample:
+            scores = process.warp(scores)
+            probs = scores.softmax(-1)
+            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            tokens = scores.argmax(-1)
+        total += torch.where(unfinished, scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0], 0.0)
+        tokens = torch.where(unfinished, tokens, pad)
+        new.append(tokens)
+        history = torch.cat([history, tokens[:, None]], 1)
+        unfinished &= ~torch.isin(tokens, eos)
+        if step + 1 == gen.max_new_tokens or not bool(unfinished.any()):
+            break
+        logits = session.step(tokens)
+    out = torch.stack(new, 1).tolist()
+    finished = (~unfinished).tolist()
+    seqs = []
+    for ids, score, done in zip(out, total.tolist(), finished):
+        if done:  # keep the end-of-sequence token, drop the padding after it
+            ids = ids[: next(i for i, t in enumerate(ids) if t in eos.tolist()) + 1]
+        seqs.append(Sequence(ids, score, done))
+    n = gen.num_return_sequences
+    return [seqs[i:i + n] for i in range(0, len(seqs), n)]
+
+
+def _beam_search(session, history, gen, eos, pad, process, generator):
+    """The reference's vectorised beam search, step for step, over a session's cache."""
+    k = gen.num_beams
+    rows, prompt_len = history.shape
+    batch = rows // k
+    device = history.device
+    max_length = prompt_len + gen.max_new_tokens
+    keep = max(2, 1 + len(eos)) * k
+    top_k_mask = torch.arange(keep, device=device) < k
+    running = torch.full((batch, k, max_length), pad, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = history.view(batch, k, prompt_len)
+    done_seqs = running.clone()
+    running_scores = torch.zeros(batch, k, device=device)
+    running_scores[:, 1:] = -1e9
+    done_scores = torch.full((batch, k), -1e9, device=device)
+    done_lens = torch.zeros(batch, k, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    offsets = torch.arange(batch, device=device)[:, None] * k
+    cur = prompt_len
+    logits = session.prefill()
+    while True:
+        log_probs = process(running[:, :, :cur].reshape(rows, cur), F.log_softmax(logits, -1))
+        if gen.do_sample:
+            log_probs = process.warp(log_probs, min_keep=len(eos) + 1)
+        vocab = log_probs.shape[-1]
+        log_probs = (log_probs.view(batch, k, vocab) + running_scores[:, :, None]).view(batch, k * vocab)
+        if gen.do_sample:
+            top_idx = torch.multinomial(log_probs.softmax(-1), keep, generator=generator)
+            top_lp, order = log_probs.gather(1, top_idx).sort(-1, descending=True)
+            top_idx = top_idx.gather(1, order)
+        else:
+            top_lp, top_idx = torch.topk(log_probs, keep)
+        source = top_idx // vocab
+        tokens = top_idx % vocab
+        candidates = running.gather(1, source[:, :, None].expand(-1, -1, max_length)).clone()
+        candidates[:, :, cur] = tokens
+        hits = torch.isin(tokens, eos) | (cur + 1 >= max_length)
+        # Live beams: the best k candidates that did not stop.
+        live_lp = top_lp + hits.float() * -1e9
+        pick = torch.topk(live_lp, k)[1]
+        running = candidates.gather(1, pick[:, :, None].expand(-1, -1, max_length))
+        running_scores = live_lp.gather(1, pick)
+        beam_source = source.gather(1, pick)
+        # Finished hypotheses: stopped candidates among the top k, scored with the length penalty.
+        just_done = hits & top_k_mask[None, :]
+        done_lp = top_lp / ((cur + 1 - prompt_len) ** gen.length_penalty)
+        full = finished.all(-1, keepdim=True) & (gen.early_stopping is True)
+        done_lp = done_lp + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just_done).float() * -1e9
+        merged_scores = torch.cat([done_scores, done_lp], 1)
+        best = torch.topk(merged_scores, k)[1]
+        done_seqs = torch.cat([done_seqs, candidates], 1).gather(1, best[:, :, None].expand(-1, -1, max_length))
+        done_scores = merged_scores.gather(1, best)
+        new_lens = torch.full_like(tokens, cur + 1 - prompt_len)
+        done_lens = torch.cat([done_lens, new_lens], 1).gather(1, best)
+        finished = torch.cat([finished, just_done], 1).gather(1, best)
+        session.reorder((beam_source + offsets).view(-1))
+        cur += 1
+        # Stop when no live beam can beat the worst finished one (the reference's heuristic).
+        if gen.early_stopping == "never" and gen.length_penalty > 0:
+            best_len = max_length - prompt_len
+        else:
+            best_len = cur - prompt_len
+        best_possible = running_scores[:, :1] / (best_len ** gen.length_penalty)
+        worst_done = torch.where(finished, done_scores.min(1, keepdim=True)[0], -1e9)
+        improvable = improvable & (best_possible > worst_done).any(-1, keepdim=True)
+        open_beams = not (bool(finished.all()) and gen.early_stopping is True)
+        if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
+            break
+        logits = session.step(running[:, :, cur - 1].reshape(-1))
+    n = gen.num_return_sequences
+    out = []
+    for b in range(batch):
+        out.append([Sequence(done_seqs[b, i, prompt_len:prompt_len + int(done_lens[b, i])].tolist(),
+                             float(done_scores[b, i]), bool(finished[b, i])) for i in range(n)])
+    return out
