@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from .config import Blip2Config
+from .generation import GenerationConfig
+from .hub import DEFAULT_MODEL, resolve
 from .model import Blip2Model
+from .processing import ImageProcessor, ImageSource, PromptTokenizer
 from .weights import load_weights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -41,14 +49,35 @@ def _dtype_plan(cfg: Blip2Config, dtype: torch.dtype):
     return dtype_of
 
 
+CAPTION = GenerationConfig(num_beams=5, max_new_tokens=30)
+VQA = GenerationConfig(num_beams=5, max_new_tokens=10, length_penalty=-1.0)
+CHAT = GenerationConfig(num_beams=5, max_new_tokens=30)
+VQA_PROMPT = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
+# T5 has relative positions and no hard limit; the released tokenizer's model_max_length is 512.
+T5_MAX_PROMPT = 512
+
+
+@dataclass
+class Result:
+    """One generated answer: its text (prompt excluded), new token ids, and the sequence score
+    (beam search: length-penalised log-probability; otherwise the sum of token log-probabilities)."""
+
+    text: str
+    token_ids: list[int]
+    score: float
+
+
 class Blip2:
-    """A loaded BLIP-2 checkpoint: the model plus what it needs to turn inputs into outputs."""
+    """A loaded BLIP-2 checkpoint: the model plus its image processor and tokenizer."""
 
     def __init__(self, model: Blip2Model, path: Path, load_seconds: float):
         self.model = model
         self.config = model.config
         self.path = path
         self.load_seconds = load_seconds
+        self.image_processor = ImageProcessor.from_dir(path)
+        self._tokenizer: PromptTokenizer | None = None
+        self._queries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -57,6 +86,19 @@ class Blip2:
     @property
     def dtype(self) -> torch.dtype:
         return self.model.language_projection.weight.dtype
+
+    @property
+    def kind(self) -> str:
+        return self.config.text.model_type
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        if self._tokenizer is None:
+            cfg = self.config
+            self._tokenizer = PromptTokenizer.from_dir(
+                self.path, self.kind, image_token_id=cfg.image_token_index,
+                num_query_tokens=cfg.num_query_tokens if cfg.image_token_index is not None else 0)
+        return self._tokenizer
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -72,17 +114,126 @@ class Blip2:
 
     __call__ = forward
 
+    def pixel_values(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
+        """Images (paths, URLs, bytes, PIL images, arrays) to the checkpoint's normalised [B, 3, S, S]."""
+        return self.image_processor(images)
 
-def load(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> Blip2:
-    """Load a BLIP-2 checkpoint in the Hugging Face layout from a local directory.
+    def image_queries(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """encode_images with a small cache, so questions and chat turns about one image encode it once."""
+        rows = []
+        for row in pixel_values:
+            key = hashlib.sha1(row.numpy().tobytes()).digest()
+            if key not in self._queries:
+                self._queries[key] = self.encode_images(row[None])[0]
+                if len(self._queries) > 64:
+                    self._queries.popitem(last=False)
+            self._queries.move_to_end(key)
+            rows.append(self._queries[key])
+        return torch.stack(rows)
+
+    def max_prompt_tokens(self, gen: GenerationConfig) -> int:
+        if self.config.is_encoder_decoder:
+            return T5_MAX_PROMPT
+        return self.config.text.max_position_embeddings - self.config.num_query_tokens - gen.max_new_tokens
+
+    @torch.inference_mode()
+    def generate(self, images: ImageSource | Sequence[ImageSource], prompts: str | Sequence[str] = "",
+                 **generation) -> list[Result] | list[list[Result]]:
+        """Generate text for images and prompts, paired one to one; a single image or a single prompt
+        is paired with every item of the other. Settings: see GenerationConfig (defaults: greedy, 30
+        new tokens). Returns one Result per pair, or a list of `num_return_sequences` per pair.
+        """
+        gen = GenerationConfig.make(**generation)
+        return self._run(images, prompts, gen)
+
+    def caption(self, images: ImageSource | Sequence[ImageSource], prompt: str = "",
+                **generation) -> str | list[str]:
+        """Captions (the prompt, e.g. "a photo of", is not repeated in the output). Defaults: beam
+        search with 5 beams, up to 30 new tokens. A single image gives a single string."""
+        results = self._run(images, prompt, GenerationConfig.make(CAPTION, **generation))
+        return _texts(results, single=_is_single(images))
+
+    def ask(self, images: ImageSource | Sequence[ImageSource], questions: str | Sequence[str],
+            **generation) -> str | list[str]:
+        """Answers, with the paper's prompt ("Question: {} Answer:" for OPT, "Question: {} Short
+        answer:" for Flan-T5). Defaults: 5 beams, up to 10 new tokens, length penalty -1."""
+        single = isinstance(questions, str) and _is_single(images)
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        prompts = [VQA_PROMPT[self.kind].format(q.strip()) for q in questions]
+        results = self._run(images, prompts, GenerationConfig.make(VQA, **generation))
+        return _texts(results, single=single)
+
+    def chat(self, image: ImageSource, messages: Sequence[dict], **generation) -> str:
+        """The assistant's next reply to `messages` ({"role": "user"|"assistant"|"system", "content"}),
+        rendered as alternating "Question: ... Answer: ..." text as LAVIS and vLLM's BLIP-2 template
+        do. Defaults: 5 beams, up to 30 new tokens."""
+        results = self._run(image, render_chat(messages), GenerationConfig.make(CHAT, **generation))
+        return _texts(results, single=True)
+
+    def _run(self, images, prompts, gen: GenerationConfig):
+        images = [images] if _is_single(images) else list(images)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not images:
+            raise ValueError("no images given")
+        if len(images) != len(prompts) and 1 not in (len(images), len(prompts)):
+            raise ValueError(f"{len(images)} images and {len(prompts)} prompts: give one of each per pair, "
+                             "or a single image or prompt for all")
+        queries = self.image_queries(self.pixel_values(images))
+        tokens = self.tokenizer(prompts, max_length=self.max_prompt_tokens(gen))
+        n = max(len(images), len(prompts))
+        queries = queries.expand(n, -1, -1) if len(queries) == 1 else queries
+        ids, mask = tokens.input_ids, tokens.attention_mask
+        if len(ids) == 1:
+            ids, mask = ids.expand(n, -1), mask.expand(n, -1)
+        seqs = self.model.generate(queries, ids.to(self.device), mask.to(self.device), gen)
+        out = [[Result(self.tokenizer.decode(s.token_ids).strip(), s.token_ids, s.score) for s in row]
+               for row in seqs]
+        return [row[0] for row in out] if gen.num_return_sequences == 1 else out
+
+
+def render_chat(messages: Sequence[dict]) -> str:
+    """Messages to BLIP-2's prompt: "Question: {user} Answer: {assistant} ... Question: {user} Answer:"."""
+    if not messages:
+        raise ValueError("chat needs at least one message")
+    parts = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content", "")
+        if isinstance(content, list):  # OpenAI-style content parts: keep the text ones
+            content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+        content = str(content).strip()
+        if role == "user":
+            parts.append(f"Question: {content}")
+        elif role == "assistant":
+            parts.append(f"Answer: {content}")
+        elif role == "system":
+            parts.append(content)
+        else:
+            raise ValueError(f"unknown chat role {role!r} (use user, assistant or system)")
+    if messages[-1].get("role") != "user":
+        raise ValueError("the last chat message must be the user's")
+    return " ".join(p for p in parts if p) + " Answer:"
+
+
+def _is_single(images) -> bool:
+    if isinstance(images, (list, tuple)):
+        return False
+    return not (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
+
+
+def _texts(results, single: bool):
+    texts = [r.text if isinstance(r, Result) else [x.text for x in r] for r in results]
+    return texts[0] if single else texts
+
+
+def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> Blip2:
+    """Load a BLIP-2 checkpoint in the Hugging Face layout: a local directory or a hub id
+    (downloaded once into the Hugging Face cache, only the files needed).
 
     dtype: float32 (default), bfloat16 or float16; device: "cpu" (default), "cuda", ...
     Each weight is read once and stored directly in its final dtype and device.
     """
     start = time.perf_counter()
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory")
+    directory = resolve(path)
     cfg = Blip2Config.from_file(directory)
     dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")

@@ -1,21 +1,183 @@
-"""The `blip2` command line: results on stdout, progress and errors on stderr, exit codes scripts can trust."""
+"""The `blip2` command line: results on stdout, progress and errors on stderr, exit codes scripts can trust.
+
+    blip2 caption photo.jpg photos/ 'shots/*.png' [--json]
+    blip2 ask photo.jpg "how many dogs are there?"
+    blip2 chat photo.jpg
+    blip2 info [--model DIR_OR_HUB_ID]
+"""
 
 from __future__ import annotations
 
 import argparse
+import glob
+import json
 import sys
+import time
+from pathlib import Path
+
+from .hub import DEFAULT_MODEL
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".ppm"}
+
+
+def _err(message: str) -> None:
+    print(f"blip2: error: {message}", file=sys.stderr, flush=True)
+
+
+def expand_images(args: list[str]) -> tuple[list[str], list[str]]:
+    """Files, directories (their image files, sorted) and glob patterns to a list of inputs; also the
+    errors for arguments that name nothing."""
+    found, errors = [], []
+    for arg in args:
+        if arg.startswith(("http://", "https://")):
+            found.append(arg)
+        elif Path(arg).is_dir():
+            files = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found.extend(files) if files else errors.append(f"{arg}: directory has no image files")
+        elif any(c in arg for c in "*?[") and not Path(arg).exists():
+            matches = sorted(glob.glob(arg, recursive=True))
+            found.extend(matches) if matches else errors.append(f"{arg}: no file matches")
+        else:
+            found.append(arg)  # a missing file is reported by the image loader, per image
+    return found, errors
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only when stderr is a terminal or many items are queued."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.show = total > 1 and sys.stderr.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.show:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            width = 30
+            filled = int(width * self.done / self.total)
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:.2f} images/s",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.show:
+            print(file=sys.stderr)
+
+
+def _generation(args: argparse.Namespace) -> dict:
+    settings = dict(num_beams=args.beams, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                    repetition_penalty=args.repetition_penalty, length_penalty=args.length_penalty, seed=args.seed,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    if args.sample:
+        settings.update(do_sample=True, num_beams=args.beams or 1)
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _load(args: argparse.Namespace):
+    import blip2
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model = blip2.load(args.model, dtype=args.dtype, device=args.device)
+    print(f"loaded in {model.load_seconds:.1f} s ({model.dtype}, {model.device})", file=sys.stderr, flush=True)
+    return model
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from .processing import ImageError, load_image
+
+    paths, errors = expand_images(args.images)
+    for e in errors:
+        _err(e)
+    if not paths:
+        _err("no images to caption")
+        return 1
+    model = _load(args)
+    settings = _generation(args)
+    failed = len(errors)
+    progress = Progress(len(paths))
+    for start in range(0, len(paths), args.batch_size):
+        batch = paths[start:start + args.batch_size]
+        images, names = [], []
+        for path in batch:
+            try:
+                images.append(load_image(path))
+                names.append(path)
+            except ImageError as e:
+                _err(str(e))
+                failed += 1
+        if images:
+            t = time.perf_counter()
+            captions = model.caption(images, args.prompt, **settings)
+            seconds = (time.perf_counter() - t) / len(images)
+            for name, caption in zip(names, captions):
+                if args.json:
+                    print(json.dumps({"path": name, "caption": caption, "seconds": round(seconds, 3)}), flush=True)
+                else:
+                    print(f"{name}\t{caption}" if len(paths) > 1 else caption, flush=True)
+        progress.update(len(batch))
+    progress.close()
+    return 1 if failed else 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .processing import load_image
+
+    image = load_image(args.image)
+    model = _load(args)
+    print(model.ask(image, args.question, **_generation(args)), flush=True)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .processing import ImageError, load_image
+
+    image = load_image(args.image)
+    model = _load(args)
+    settings = _generation(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Ask about the image. /reset clears the conversation, /image PATH changes the image, "
+              "Ctrl-D leaves.", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except EOFError:
+            if interactive:
+                print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        if line == "/reset":
+            messages = []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            try:
+                image = load_image(line[len("/image"):].strip())
+                messages = []
+                print("(new image; conversation cleared)", file=sys.stderr)
+            except ImageError as e:
+                _err(str(e))
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            reply = model.chat(image, messages, **settings)
+        except ValueError as e:
+            _err(str(e))
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+        print(f"blip2> {reply}" if interactive else reply, flush=True)
 
 
 def _info(args: argparse.Namespace) -> int:
-    import blip2
-
-    model = blip2.load(args.model, dtype=args.dtype, device=args.device)
+    model = _load(args)
     cfg = model.config
     params = {id(p): p.numel() for p in model.model.parameters()}
     print(f"path: {model.path}")
-    print(f"language model: {cfg.text.model_type}, {len(params)} tensors, {sum(params.values()):,} parameters")
+    print(f"language model: {cfg.text.model_type}, {sum(params.values()):,} parameters")
     print(f"image size: {cfg.vision.image_size}, query tokens: {cfg.num_query_tokens}, "
-          f"image token: {cfg.image_token_index}")
+          f"image token: {cfg.image_token_index}, end of sequence: {cfg.eos_token_ids}")
     print(f"dtype: {model.dtype}, device: {model.device}, loaded in {model.load_seconds:.2f} s")
     return 0
 
@@ -23,11 +185,41 @@ def _info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2 captioning, visual question answering and chat")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="load a checkpoint and describe it")
-    info.add_argument("model", help="checkpoint directory")
-    info.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    info.add_argument("--device", default=None, help="cpu (default), cuda, ...")
-    info.set_defaults(run=_info)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id ({DEFAULT_MODEL})")
+    common.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    common.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    gen = argparse.ArgumentParser(add_help=False)
+    g = gen.add_argument_group("generation (defaults: the task's, see README)")
+    g.add_argument("--beams", type=int, help="beam search width (1: greedy)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--min-new-tokens", type=int)
+    g.add_argument("--sample", action="store_true", help="sample instead of searching")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--length-penalty", type=float)
+
+    p = sub.add_parser("caption", parents=[common, gen], help="caption images")
+    p.add_argument("images", nargs="+", help="image files, directories, glob patterns or URLs")
+    p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="one JSON object per image: path, caption, seconds")
+    p.set_defaults(run=_caption)
+
+    p = sub.add_parser("ask", parents=[common, gen], help="answer a question about an image")
+    p.add_argument("image")
+    p.add_argument("question")
+    p.set_defaults(run=_ask)
+
+    p = sub.add_parser("chat", parents=[common, gen], help="talk about an image in the terminal")
+    p.add_argument("image")
+    p.set_defaults(run=_chat)
+
+    p = sub.add_parser("info", parents=[common], help="load a checkpoint and describe it")
+    p.set_defaults(run=_info)
     return parser
 
 
@@ -35,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"blip2: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError, RuntimeError, TypeError) as e:
+        _err(str(e))
         return 1
 
 

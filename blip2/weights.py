@@ -9,9 +9,10 @@ not count towards the process's resident memory.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -67,38 +68,60 @@ def _safetensors_header(path: Path, f) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from a safetensors file, each tensor read into fresh memory."""
+class _Staging:
+    """One reusable buffer for tensors converted on load: converting a float32 checkpoint then
+    allocates (and page-faults) only the final tensors."""
+
+    def __init__(self):
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.buf.numel() < nbytes:
+            self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buf[:nbytes].view(dtype).view(shape)
+
+
+def read_safetensors(path: Path, staging: _Staging) -> Iterator[tuple[str, tuple, Callable]]:
+    """Yield (key, shape, read) for each tensor of a safetensors file; read(dtype) returns the tensor
+    in that dtype, reading the file only then."""
     with open(path, "rb") as f:
         header, base = _safetensors_header(path, f)
-        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            dtype = _ST_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise WeightsError(f"{path}: {key} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            t = torch.empty(info["shape"], dtype=dtype)
-            if t.numel() * t.element_size() != end - start:
-                raise WeightsError(f"{path}: {key} has {end - start} bytes for shape {info['shape']}")
-            f.seek(base + start)
-            buf = t.view(-1).view(torch.uint8).numpy() if t.numel() else None
-            if buf is not None and f.readinto(buf) != end - start:
+    for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+        stored = _ST_DTYPES.get(info["dtype"])
+        if stored is None:
+            raise WeightsError(f"{path}: {key} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if math.prod(info["shape"]) * stored.itemsize != end - start:
+            raise WeightsError(f"{path}: {key} has {end - start} bytes for shape {info['shape']}")
+
+        def read(dtype: torch.dtype, key=key, shape=info["shape"], stored=stored, start=start, end=end):
+            t = torch.empty(shape, dtype=stored) if dtype == stored else staging.get(shape, stored)
+            with open(path, "rb", buffering=0) as f:
+                f.seek(base + start)
+                got = f.readinto(t.view(-1).view(torch.uint8).numpy()) if t.numel() else 0
+            if got != end - start:
                 raise WeightsError(f"{path}: truncated while reading {key}")
-            yield key, t
+            return t if dtype == stored else t.to(dtype)
+
+        yield key, tuple(info["shape"]), read
 
 
-def read_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_bin(path: Path, staging: _Staging) -> Iterator[tuple[str, tuple, Callable]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for corrupt zip/pickle files
         raise WeightsError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
-    yield from state.items()
+    for key, t in state.items():
+        yield key, tuple(t.shape), lambda dtype, t=t: t.to(dtype, copy=True)
 
 
-def read_checkpoint(directory: Path) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def read_checkpoint(directory: Path) -> Iterator[tuple[str, tuple, Callable, Path]]:
+    staging = _Staging()
     for path in checkpoint_files(directory):
         reader = read_safetensors if path.suffix == ".safetensors" else read_bin
-        for key, t in reader(path):
-            yield key, t, path
+        for key, shape, read in reader(path, staging):
+            yield key, shape, read, path
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -123,25 +146,25 @@ def load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.devi
     """
     expected = {name: p.shape for name, p in model.named_parameters()}
     loaded: set[str] = set()
-    aliased: dict[str, tuple[torch.Tensor, Path]] = {}
+    aliased: dict[str, tuple[tuple, Callable, Path]] = {}
     lavis_bias: dict[str, dict[str, torch.Tensor]] = {}
     unexpected: list[str] = []
 
-    def place(name: str, t: torch.Tensor, path: Path) -> None:
-        if tuple(t.shape) != tuple(expected[name]):
-            raise WeightsError(f"{path}: {name} has shape {tuple(t.shape)}, the config implies {tuple(expected[name])}")
-        _set(model, name, t.to(device=device, dtype=dtype_of(name)))
+    def place(name: str, shape: tuple, read: Callable, path: Path) -> None:
+        if shape != tuple(expected[name]):
+            raise WeightsError(f"{path}: {name} has shape {shape}, the config implies {tuple(expected[name])}")
+        _set(model, name, read(dtype_of(name)).to(device))
         loaded.add(name)
 
-    for key, t, path in read_checkpoint(directory):
+    for key, shape, read, path in read_checkpoint(directory):
         if key in expected:
-            place(key, t, path)
+            place(key, shape, read, path)
         elif key in _ALIASES:
-            aliased.setdefault(_ALIASES[key], (t, path))
+            aliased.setdefault(_ALIASES[key], (shape, read, path))  # read only if the embedding is absent
         elif key.endswith((".self_attn.q_bias", ".self_attn.v_bias")) and key.startswith("vision_model."):
             # LAVIS stores the EVA attention bias as q_bias and v_bias; K has none.
             prefix, _, which = key.rpartition(".")
-            lavis_bias.setdefault(prefix, {})[which] = t
+            lavis_bias.setdefault(prefix, {})[which] = read(dtype_of(f"{prefix}.qkv.bias"))
         elif key not in _IGNORED:
             unexpected.append(f"{key} ({path.name})")
     for prefix, parts in lavis_bias.items():
@@ -149,10 +172,11 @@ def load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.devi
             unexpected.append(f"{prefix}.{'/'.join(parts)}")
             continue
         q, v = parts["q_bias"], parts["v_bias"]
-        place(f"{prefix}.qkv.bias", torch.cat([q, torch.zeros_like(q), v]), directory)
-    for name, (t, path) in aliased.items():
+        bias = torch.cat([q, torch.zeros_like(q), v])
+        place(f"{prefix}.qkv.bias", tuple(bias.shape), lambda dtype: bias, directory)
+    for name, (shape, read, path) in aliased.items():
         if name not in loaded:
-            place(name, t, path)
+            place(name, shape, read, path)
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise WeightsError(f"{directory}: unexpected keys for this config: {', '.join(unexpected[:5])}{more}")

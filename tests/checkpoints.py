@@ -17,7 +17,7 @@ VOCAB = 99
 def tiny_config(lm: str = "opt", *, image_size: int = 28, cross_attention_frequency: int = 2,
                 word_embed_proj_dim: int | None = None, t5_d_kv: int = 6, vision_eps: float = 1e-6,
                 legacy: bool = False, do_layer_norm_before: bool = True,
-                num_query_tokens: int = Q, **text_overrides) -> dict:
+                num_query_tokens: int = Q, image_token_index: int | None = None, **text_overrides) -> dict:
     """A small Blip2Config dict with non-default shapes everywhere."""
     vision = dict(hidden_size=40, intermediate_size=52, num_hidden_layers=2, num_attention_heads=4,
                   image_size=image_size, patch_size=14, layer_norm_eps=vision_eps)
@@ -41,7 +41,7 @@ def tiny_config(lm: str = "opt", *, image_size: int = 28, cross_attention_freque
     cfg = dict(model_type="blip-2", vision_config=vision, qformer_config=qformer, text_config=text,
                num_query_tokens=num_query_tokens)
     if not legacy:
-        cfg["image_token_index"] = image_token
+        cfg["image_token_index"] = image_token if image_token_index is None else image_token_index
     return cfg
 
 
@@ -157,3 +157,44 @@ def pixels(batch: int, size: int, seed: int = 0) -> torch.Tensor:
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.double() - ref.double()).norm() / ref.double().norm())
+
+
+def full_checkpoint(directory: Path, lm: str, *, image_size: int = 28, seed: int = 0,
+                    **overrides) -> tuple[Path, dict]:
+    """A tiny checkpoint with real tokenizer and processor files, as the hub's: the vocabulary is the
+    tokenizer's, and the end of sequence is OPT's "\n" token (as in blip2-opt-2.7b) or T5's </s>."""
+    from text_fixtures import make_processor_files
+
+    info = make_processor_files(directory, lm, image_size=image_size, num_query_tokens=Q,
+                                with_image_token=True)
+    text = dict(vocab_size=info.vocab_size + 3, pad_token_id=info.pad_id)
+    if lm == "opt":
+        from tokenizers import Tokenizer
+
+        text.update(eos_token_id=Tokenizer.from_file(str(directory / "tokenizer.json")).token_to_id("\u010a"),
+                    bos_token_id=info.bos_id)
+    else:
+        text.update(eos_token_id=info.eos_id, num_decoder_layers=2)
+    text.update(overrides)
+    cfg = tiny_config(lm, image_size=image_size, image_token_index=info.image_token_id, **text)
+    write_checkpoint(directory, cfg, seed=seed)
+    return directory, cfg
+
+
+def legacy_copy(src: Path, dst: Path, lm: str) -> Path:
+    """The same weights in the legacy layout of blip2-opt-2.7b-coco: no image_token_index in config.json,
+    no processor_config.json, a tokenizer without "<image>"."""
+    import shutil
+
+    from text_fixtures import make_processor_files
+
+    shutil.copytree(src, dst)
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (dst / name).unlink(missing_ok=True)
+    raw = json.loads((src / "config.json").read_text())
+    make_processor_files(dst, lm, image_size=raw["vision_config"]["image_size"], with_image_token=False)
+    (dst / "processor_config.json").unlink(missing_ok=True)
+    raw.pop("image_token_index", None)
+    raw.pop("image_token_id", None)
+    (dst / "config.json").write_text(json.dumps(raw, indent=2))
+    return dst

@@ -112,7 +112,7 @@ def test_not_a_checkpoint_directory(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         blip2.load(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a directory"):
+    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         blip2.load(tmp_path / "nope")
 
 

@@ -1,0 +1,373 @@
+"""Inputs of the model: images to normalised pixel tensors, prompts to token ids.
+
+Both steps equal the reference (`transformers`' BlipImageProcessorPil and Blip2Processor) on the
+files of a checkpoint directory, with these deliberate differences:
+
+- `load_image` applies the EXIF orientation (`PIL.ImageOps.exif_transpose`); the reference feeds
+  the stored pixels, so a portrait phone photo reaches the model lying on its side.
+- 16-bit and 32-bit images are scaled to 8 bits; the reference's `convert("RGB")` clips them
+  at 255, which turns most of such an image white.
+- OPT prompts are always padded on the left. The reference pads on `tokenizer.padding_side`, which
+  the hub checkpoints leave at "right", and right-padded batches of a decoder-only model generate
+  garbage. With left padding the layout is the reference's `[<image> x N][pad...][BOS prompt]`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
+
+
+class ImageError(ValueError):
+    """An input could not be turned into an image; the message names the input."""
+
+
+def _describe(source: object) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        return repr(text if len(text) <= 200 else text[:197] + "...")
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return f"<{type(source).__name__} shape={tuple(source.shape)} dtype={source.dtype}>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.size[0]}x{source.size[1]}>"
+    return f"<{type(source).__name__}>"
+
+
+def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
+    # urllib's timeout bounds each socket operation, not the whole transfer; the byte cap bounds the rest.
+    request = urllib.request.Request(url, headers={"User-Agent": "blip2"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        declared = response.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+            raise ImageError(f"image URL {url!r} is {int(declared)} bytes, more than max_bytes={max_bytes}")
+        data = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageError(f"image URL {url!r} sent more than max_bytes={max_bytes} bytes")
+    return data
+
+
+def _array_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Map an image array of any numeric dtype onto 0..255."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ValueError("float pixel values must be finite")
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if lo < 0 or hi > 255:
+            raise ValueError(f"float pixel values must lie in [0, 1] or [0, 255], got [{lo}, {hi}]")
+        return np.round(a * 255.0 if hi <= 1.0 else a).astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer):
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        # uint16/int16 arrays and PIL's "I;16" are 16-bit by type; wider ints ("I") are judged by range.
+        sixteen = a.dtype.itemsize == 2 or hi > 255
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"integer pixel values must lie in [0, 65535], got [{lo}, {hi}]")
+        # x / 257 maps 0..65535 onto 0..255 exactly at both ends.
+        return np.round(a / 257.0).astype(np.uint8) if sixteen else a.astype(np.uint8)
+    raise ValueError(f"unsupported pixel dtype {a.dtype}")
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # channels-first, as torchvision tensors are
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
+        raise ValueError(f"expected an HxW, HxWx3 or HxWx4 array, got shape {tuple(a.shape)}")
+    return Image.fromarray(np.ascontiguousarray(_array_to_uint8(a)))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = Image.fromarray(_array_to_uint8(np.asarray(img)))
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        # As the reference: transparent pixels become white, not the black of a plain convert().
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
+
+
+def _decode(img: Image.Image) -> Image.Image:
+    img.load()  # decode in full now, so a truncated file fails here rather than half-read
+    return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def load_image(source: ImageSource, *, timeout: float = 10.0, max_bytes: int = 50_000_000) -> Image.Image:
+    """Open `source` as an RGB PIL image, decoded in full.
+
+    `source` is a file path, an http(s) URL (fetched with `timeout` seconds per read and at most
+    `max_bytes` bytes), encoded file bytes, a PIL image, or an array/tensor (HxW, HxWxC or CxHxW;
+    uint8, 16-bit, or float in [0, 1], read as [0, 255] if any value exceeds 1). The EXIF
+    orientation is applied: the one difference from the reference on ordinary photos. Raises
+    `ImageError` naming the input on any failure, including truncated files and images over
+    `PIL.Image.MAX_IMAGE_PIXELS` (decompression bombs).
+    """
+    name = _describe(source)
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it is.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if isinstance(source, Image.Image):
+                return _decode(source)
+            if isinstance(source, (np.ndarray, torch.Tensor)):
+                array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+                return _decode(_from_array(array))
+            if isinstance(source, str) and source.startswith(("http://", "https://")):
+                source = _fetch(source, timeout, max_bytes)
+            if isinstance(source, (bytes, bytearray)):
+                source = io.BytesIO(source)
+            elif isinstance(source, (str, os.PathLike)):
+                source = Path(source).expanduser()
+                if not source.is_file():
+                    raise ImageError(f"image file not found: {name}")
+            else:
+                raise ImageError(f"cannot load an image from {name}")
+            with Image.open(source) as img:
+                return _decode(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image {name} is too large (decompression bomb check): {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not a readable image: {name}") from None
+    except (urllib.error.URLError, HTTPException, TimeoutError) as e:
+        if isinstance(e, urllib.error.HTTPError):
+            e.close()  # it holds the connection open
+        raise ImageError(f"cannot fetch image {name}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, TypeError, SyntaxError, EOFError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ImageError(f"cannot decode image {name}: {reason}") from None
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """Resize to size x size (PIL bicubic, no crop), scale by 1/255, normalise with mean/std."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: int = Image.Resampling.BICUBIC
+    rescale_factor: float = 1 / 255
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> ImageProcessor:
+        """Read a checkpoint's image-processor settings; defaults (224, CLIP) when it has none."""
+        directory = Path(path)
+        # Same priority as the reference: the dict nested in processor_config.json, then the flat file.
+        config = _read_json(directory / "processor_config.json").get("image_processor")
+        if config is None and (directory / "preprocessor_config.json").is_file():
+            config = _read_json(directory / "preprocessor_config.json")
+        if config is None:
+            return cls()
+        for flag in ("do_resize", "do_rescale", "do_normalize"):  # True in every BLIP-2 checkpoint
+            if not config.get(flag, True):
+                raise ValueError(f"{directory}: unsupported image processor setting {flag}=false")
+        size = config.get("size", 224)
+        if isinstance(size, dict):
+            if size.get("height") is None or size.get("height") != size.get("width"):
+                raise ValueError(f"{directory}: only square image sizes are supported, got size={size}")
+            size = size["height"]
+        return cls(
+            size=int(size),
+            mean=tuple(config.get("image_mean", CLIP_MEAN)),
+            std=tuple(config.get("image_std", CLIP_STD)),
+            resample=int(config.get("resample", Image.Resampling.BICUBIC)),
+            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+        )
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One RGB PIL image to a [3, H, W] float32 tensor, with the reference's arithmetic."""
+        image = image.resize((self.size, self.size), resample=self.resample)
+        # The reference multiplies in float64 and rounds to float32 before normalising in float32.
+        x = (np.asarray(image).transpose(2, 0, 1).astype(np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
+        return torch.from_numpy(np.ascontiguousarray((x - mean) / std))
+
+    def __call__(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
+        """Images (anything `load_image` takes, or a list of them) to a [B, 3, size, size] tensor."""
+        is_batch = isinstance(images, (list, tuple))
+        is_batch = is_batch or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
+        batch = list(images) if is_batch else [images]
+        if not batch:
+            raise ValueError("no images given")
+        return torch.stack([self.preprocess(load_image(image)) for image in batch])
+
+
+class TokenBatch(NamedTuple):
+    """Language-model input of a batch of prompts."""
+
+    input_ids: torch.Tensor  # [B, L] int64
+    attention_mask: torch.Tensor  # [B, L] int64, 0 on padding
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _token_text(token: object) -> str | None:
+    # tokenizer_config.json stores special tokens as strings or as AddedToken dicts.
+    return token.get("content") if isinstance(token, dict) else token  # type: ignore[return-value]
+
+
+class PromptTokenizer:
+    """Prompts to the language model's input ids, laid out as the reference Blip2Processor does.
+
+    With image placeholders (checkpoints whose processor has `num_query_tokens`) each row starts
+    with `num_query_tokens` copies of `image_token_id`, which the model overwrites with the
+    projected queries; without them (legacy checkpoints) the model prepends the queries itself.
+    OPT's tokenizer puts BOS `</s>` before the prompt; T5's appends `</s>`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, kind: str, *, pad_id: int, image_token_id: int | None = None,
+                 num_query_tokens: int | None = None, clean_up_spaces: bool = False) -> None:
+        if kind not in ("opt", "t5"):
+            raise ValueError(f"kind must be 'opt' or 't5', got {kind!r}")
+        if num_query_tokens and image_token_id is None:
+            raise ValueError("num_query_tokens needs an image_token_id")
+        self.tokenizer, self.kind, self.pad_id = tokenizer, kind, pad_id
+        self.image_token_id = image_token_id
+        self.num_query_tokens = num_query_tokens or 0
+        self.padding_side = "left" if kind == "opt" else "right"
+        self.clean_up_spaces = clean_up_spaces
+        # A tokenizer.json may carry padding/truncation settings; we pad and check lengths ourselves.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike, kind: str, *, image_token_id: int | None = None,
+                 num_query_tokens: int | None = None) -> PromptTokenizer:
+        """Load tokenizer.json (or GPT-2 style vocab.json + merges.txt) and the processor settings.
+
+        `num_query_tokens` defaults to processor_config.json's (absent on legacy checkpoints: no
+        placeholders); `image_token_id` to the tokenizer's "<image>", appended if missing as the
+        reference does. Pass the model config's values to override both.
+        """
+        directory = Path(path)
+        config = _read_json(directory / "special_tokens_map.json") | _read_json(directory / "tokenizer_config.json")
+        if (directory / "tokenizer.json").is_file():
+            # transformers 5 takes tokenizer.json's post-processor as is and ignores
+            # add_bos_token/add_eos_token from tokenizer_config.json in this case.
+            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            tokenizer = cls._byte_level_bpe(directory, config)
+        else:
+            raise FileNotFoundError(f"{directory}: no tokenizer.json, nor vocab.json + merges.txt")
+        # Named special tokens are matched whole in the text, as the reference adds them as special tokens.
+        specials = [_token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        known = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+        missing = [t for t in specials if t and t not in known]
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        pad_text = _token_text(config.get("pad_token")) or "<pad>"
+        pad_id = tokenizer.token_to_id(pad_text)
+        if pad_id is None:
+            raise ValueError(f"{directory}: pad token {pad_text!r} is not in the vocabulary")
+        if num_query_tokens is None:
+            num_query_tokens = _read_json(directory / "processor_config.json").get("num_query_tokens")
+        if image_token_id is None and num_query_tokens:
+            # Blip2Processor appends "<image>" to the vocabulary when the tokenizer lacks it.
+            tokenizer.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+            image_token_id = tokenizer.token_to_id("<image>")
+        # transformers 5 skips the clean-up for BPE models even when the config asks for it.
+        clean_up = config.get("clean_up_tokenization_spaces", False) and not isinstance(tokenizer.model, models.BPE)
+        return cls(tokenizer, kind, pad_id=pad_id, image_token_id=image_token_id,
+                   num_query_tokens=num_query_tokens, clean_up_spaces=bool(clean_up))
+
+    @staticmethod
+    def _byte_level_bpe(directory: Path, config: dict) -> Tokenizer:
+        """The GPT-2 tokenizer the reference builds from vocab.json + merges.txt."""
+        bpe = models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
+        tokenizer = Tokenizer(bpe)
+        prefix = bool(config.get("add_prefix_space", False))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix)
+        tokenizer.decoder = decoders.ByteLevel()
+        for index, entry in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0])):
+            flags = {k: entry[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry}
+            tokenizer.add_tokens([AddedToken(entry["content"], **flags)])
+            if tokenizer.token_to_id(entry["content"]) != int(index):
+                raise ValueError(f"{directory}: added token {entry['content']!r} should have id {index}")
+        # Without tokenizer.json these flags decide the specials (GPT2Tokenizer defaults: neither).
+        bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
+        template, used = "$A", []
+        if config.get("add_bos_token", False) and bos:
+            template, used = f"{bos} {template}", [bos]
+        if config.get("add_eos_token", False) and eos:
+            template, used = f"{template} {eos}", used + [eos]
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, bpe.token_to_id(t)) for t in dict.fromkeys(used)]
+        )
+        return tokenizer
+
+    def encode(self, prompt: str) -> list[int]:
+        """Token ids of one prompt with the tokenizer's special tokens, without image placeholders."""
+        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    def count_tokens(self, prompt: str) -> int:
+        """Length of `encode(prompt)`: what `max_length` in `__call__` is checked against."""
+        return len(self.encode(prompt))
+
+    def __call__(self, prompts: str | Sequence[str], *, max_length: int | None = None) -> TokenBatch:
+        """Tokenise one prompt or a batch, padded to the longest (OPT on the left, T5 on the right).
+
+        Raises ValueError when a prompt has more than `max_length` tokens (image placeholders not counted).
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a string or a non-empty list of strings")
+        rows = [e.ids for e in self.tokenizer.encode_batch(list(prompts), add_special_tokens=True)]
+        for prompt, ids in zip(prompts, rows, strict=True):
+            short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            if max_length is not None and len(ids) > max_length:
+                raise ValueError(f"prompt {short!r} is {len(ids)} tokens long, more than max_length={max_length}")
+            if self.image_token_id is not None and self.image_token_id in ids:
+                # A stray placeholder would make the model find more image slots than queries.
+                raise ValueError(f"prompt {short!r} contains the image token (id {self.image_token_id})")
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            span = slice(width - len(ids), width) if self.padding_side == "left" else slice(0, len(ids))
+            input_ids[i, span], mask[i, span] = torch.tensor(ids, dtype=torch.long), 1
+        # The placeholders go in front of everything, padding included, as in the reference.
+        head = torch.full((len(rows), self.num_query_tokens), self.image_token_id or 0, dtype=torch.long)
+        return TokenBatch(torch.cat([head, input_ids], 1), torch.cat([torch.ones_like(head), mask], 1))
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Ids to text (special tokens, image placeholders included, dropped by default)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.clean_up_spaces:  # the reference's clean_up_tokenization, for non-BPE tokenizers
+            for before in (" .", " ?", " !", " ,", " ' ", " n't", " 'm", " 's", " 've", " 're"):
+                text = text.replace(before, before.strip() if before != " ' " else "'")
+        return text
+
+    def batch_decode(
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
+    ) -> list[str]:
+        """`decode` for each row."""
+        return [self.decode(row, skip_special_tokens) for row in sequences]
