@@ -15,6 +15,7 @@ import torch
 from .config import Blip2Config
 from .generation import GenerationConfig
 from .hub import DEFAULT_MODEL, resolve
+from .layers import can_pack, pack_linears
 from .model import Blip2Model
 from .processing import ImageProcessor, ImageSource, PromptTokenizer
 from .weights import load_weights
@@ -237,8 +238,11 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     cfg = Blip2Config.from_file(directory)
     dtype = parse_dtype(dtype)
     device = torch.device(device or "cpu")
+    dtype_of = _dtype_plan(cfg, dtype)
     with torch.device("meta"):
         model = Blip2Model(cfg)
-    load_weights(model, directory, _dtype_plan(cfg, dtype), device)
+        if can_pack(dtype, device):  # lm_head stays plain: it may be tied to the embedding, which reads it
+            pack_linears(model, lambda name: name != "language_model.lm_head" and dtype_of(name + ".weight") == dtype)
+    load_weights(model, directory, dtype_of, device)
     model.eval()
     return Blip2(model, directory, time.perf_counter() - start)

@@ -63,7 +63,7 @@ class GenerationConfig:
 
 
 @dataclass
-class Sequence:
+class Hypothesis:
     """One generated continuation: its new token ids (end-of-sequence included when reached) and score."""
 
     token_ids: list[int]
@@ -130,7 +130,7 @@ def _ban_repeated_ngrams(history: torch.Tensor, scores: torch.Tensor, n: int) ->
 
 
 def generate(session, history: torch.Tensor, gen: GenerationConfig, eos_token_ids: list[int], pad_token_id: int,
-             ignore: torch.Tensor | None = None) -> list[list[Sequence]]:
+             ignore: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Decode from a session whose rows are the inputs repeated (num_beams or num_return_sequences) times.
 
     history [inputs, prompt_len]: the ids the reference's processors see (its input_ids for OPT,
@@ -179,7 +179,7 @@ def _sample_or_greedy(session, history, gen, eos, pad, process, generator):
     for ids, score, done in zip(out, total.tolist(), finished):
         if done:  # keep the end-of-sequence token, drop the padding after it
             ids = ids[: next(i for i, t in enumerate(ids) if t in eos.tolist()) + 1]
-        seqs.append(Sequence(ids, score, done))
+        seqs.append(Hypothesis(ids, score, done))
     n = gen.num_return_sequences
     return [seqs[i:i + n] for i in range(0, len(seqs), n)]
 
@@ -257,6 +257,6 @@ def _beam_search(session, history, gen, eos, pad, process, generator):
     n = gen.num_return_sequences
     out = []
     for b in range(batch):
-        out.append([Sequence(done_seqs[b, i, prompt_len:prompt_len + int(done_lens[b, i])].tolist(),
+        out.append([Hypothesis(done_seqs[b, i, prompt_len:prompt_len + int(done_lens[b, i])].tolist(),
                              float(done_scores[b, i]), bool(finished[b, i])) for i in range(n)])
     return out

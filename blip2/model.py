@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import Blip2Config
-from .generation import GenerationConfig, Sequence, generate
+from .generation import GenerationConfig, Hypothesis, generate
 from .opt import OPTForCausalLM, OPTSession, causal_mask, positions_from_mask
 from .qformer import QFormer
 from .t5 import T5ForConditionalGeneration, T5Session
@@ -84,7 +84,7 @@ class Blip2Model(nn.Module):
         return lm.lm_head(lm.decode(decoder_input_ids, lm.cross_kv(encoded), mask))
 
     def generate(self, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 gen: GenerationConfig) -> list[list[Sequence]]:
+                 gen: GenerationConfig) -> list[list[Hypothesis]]:
         """New tokens for each input: `gen.num_return_sequences` sequences per row of input_ids, best first.
 
         queries: encode_images' output, one row per input (repeat an image's row to ask it several things).

@@ -127,7 +127,10 @@ def read_checkpoint(directory: Path) -> Iterator[tuple[str, tuple, Callable, Pat
 def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    if hasattr(module, "load_parameter"):  # modules that store what they load differently (packed weights)
+        module.load_parameter(attr, value)
+    else:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
 # Keys a checkpoint may carry that duplicate or do not feed a parameter of ours.
@@ -156,10 +159,8 @@ def load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.devi
         _set(model, name, read(dtype_of(name)).to(device))
         loaded.add(name)
 
-    for key, shape, read, path in read_checkpoint(directory):
-        if key in expected:
-            place(key, shape, read, path)
-        elif key in _ALIASES:
+    def _other(key: str, shape: tuple, read: Callable, path: Path) -> None:
+        if key in _ALIASES:
             aliased.setdefault(_ALIASES[key], (shape, read, path))  # read only if the embedding is absent
         elif key.endswith((".self_attn.q_bias", ".self_attn.v_bias")) and key.startswith("vision_model."):
             # LAVIS stores the EVA attention bias as q_bias and v_bias; K has none.
@@ -167,6 +168,12 @@ def load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.devi
             lavis_bias.setdefault(prefix, {})[which] = read(dtype_of(f"{prefix}.qkv.bias"))
         elif key not in _IGNORED:
             unexpected.append(f"{key} ({path.name})")
+
+    for key, shape, read, path in read_checkpoint(directory):
+        if key in expected:
+            place(key, shape, read, path)
+        else:
+            _other(key, shape, read, path)
     for prefix, parts in lavis_bias.items():
         if set(parts) != {"q_bias", "v_bias"} or f"{prefix}.qkv.bias" not in expected:
             unexpected.append(f"{prefix}.{'/'.join(parts)}")
