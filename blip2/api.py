@@ -241,8 +241,11 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     dtype_of = _dtype_plan(cfg, dtype)
     with torch.device("meta"):
         model = Blip2Model(cfg)
-        if can_pack(dtype, device):  # lm_head stays plain: it may be tied to the embedding, which reads it
-            pack_linears(model, lambda name: name != "language_model.lm_head" and dtype_of(name + ".weight") == dtype)
+        if can_pack(dtype, device):
+            # Packing pays where the weights are read once per row (decoding); the vision encoder is
+            # bound by arithmetic, not weight reads. lm_head stays plain: it may be tied to the embedding.
+            pack_linears(model.language_model, lambda name: name != "lm_head" and dtype_of(
+                f"language_model.{name}.weight") == dtype)
     load_weights(model, directory, dtype_of, device)
     model.eval()
     return Blip2(model, directory, time.perf_counter() - start)

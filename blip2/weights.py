@@ -8,8 +8,11 @@ not count towards the process's resident memory.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
+import mmap
 import struct
 from pathlib import Path
 from typing import Callable, Iterator
@@ -68,21 +71,16 @@ def _safetensors_header(path: Path, f) -> tuple[dict, int]:
     return header, 8 + n
 
 
-class _Staging:
-    """One reusable buffer for tensors converted on load: converting a float32 checkpoint then
-    allocates (and page-faults) only the final tensors."""
-
-    def __init__(self):
-        self.buf = torch.empty(0, dtype=torch.uint8)
-
-    def get(self, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if self.buf.numel() < nbytes:
-            self.buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self.buf[:nbytes].view(dtype).view(shape)
+def _mapped(f, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes [offset, offset + nbytes) of f as a tensor over a private memory map of just that
+    range: converting it reads the page cache directly, and the pages leave the process's resident
+    memory once the tensor is dropped."""
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mm = mmap.mmap(f.fileno(), offset + nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mm, dtype=torch.uint8, offset=offset - start, count=nbytes).view(dtype)
 
 
-def read_safetensors(path: Path, staging: _Staging) -> Iterator[tuple[str, tuple, Callable]]:
+def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     """Yield (key, shape, read) for each tensor of a safetensors file; read(dtype) returns the tensor
     in that dtype, reading the file only then."""
     with open(path, "rb") as f:
@@ -96,18 +94,20 @@ def read_safetensors(path: Path, staging: _Staging) -> Iterator[tuple[str, tuple
             raise WeightsError(f"{path}: {key} has {end - start} bytes for shape {info['shape']}")
 
         def read(dtype: torch.dtype, key=key, shape=info["shape"], stored=stored, start=start, end=end):
-            t = torch.empty(shape, dtype=stored) if dtype == stored else staging.get(shape, stored)
             with open(path, "rb", buffering=0) as f:
+                if dtype != stored and end > start:
+                    return _mapped(f, base + start, end - start, stored).view(shape).to(dtype)
+                t = torch.empty(shape, dtype=stored)
                 f.seek(base + start)
                 got = f.readinto(t.view(-1).view(torch.uint8).numpy()) if t.numel() else 0
             if got != end - start:
                 raise WeightsError(f"{path}: truncated while reading {key}")
-            return t if dtype == stored else t.to(dtype)
+            return t
 
         yield key, tuple(info["shape"]), read
 
 
-def read_bin(path: Path, staging: _Staging) -> Iterator[tuple[str, tuple, Callable]]:
+def read_bin(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for corrupt zip/pickle files
@@ -117,10 +117,9 @@ def read_bin(path: Path, staging: _Staging) -> Iterator[tuple[str, tuple, Callab
 
 
 def read_checkpoint(directory: Path) -> Iterator[tuple[str, tuple, Callable, Path]]:
-    staging = _Staging()
     for path in checkpoint_files(directory):
         reader = read_safetensors if path.suffix == ".safetensors" else read_bin
-        for key, shape, read in reader(path, staging):
+        for key, shape, read in reader(path):
             yield key, shape, read, path
 
 
@@ -141,12 +140,39 @@ _ALIASES = {  # tied copies of the T5 embedding
 _IGNORED = ("language_model.decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
+@contextlib.contextmanager
+def _unfragmented_heap():
+    """While loading, have glibc map every allocation of 4 MB or more on its own, so each temporary
+    (a converted weight before packing, say) goes back to the system when freed instead of leaving
+    holes in the heap; by default its threshold climbs to 32 MB as large blocks are freed, and a load
+    then ends with a gigabyte or more of resident but unused heap. Afterwards the threshold is the
+    32 MB that glibc itself settles on, and the freed heap is returned."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
+    except (OSError, AttributeError):
+        yield
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 4 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, 32 << 20)
+        libc.malloc_trim(0)
+
+
 def load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.device) -> None:
     """Fill every parameter of a meta-device `model` from the checkpoint in `directory`.
 
     dtype_of(name) gives each parameter's final dtype. Tied heads (OPT lm_head, T5 embeddings) are
     tied when the checkpoint does not store them. Any missing, unexpected or misshapen key is an error.
     """
+    with _unfragmented_heap():
+        _load_weights(model, directory, dtype_of, device)
+
+
+def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.device) -> None:
     expected = {name: p.shape for name, p in model.named_parameters()}
     loaded: set[str] = set()
     aliased: dict[str, tuple[tuple, Callable, Path]] = {}
