@@ -243,8 +243,10 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
         model = Blip2Model(cfg)
         if can_pack(dtype, device):
             # Packing pays where the weights are read once per row (decoding); the vision encoder is
-            # bound by arithmetic, not weight reads. lm_head stays plain: it may be tied to the embedding.
-            pack_linears(model.language_model, lambda name: name != "lm_head" and dtype_of(
+            # bound by arithmetic, not weight reads. A head tied to the embedding stays plain: the
+            # embedding reads the same tensor.
+            tied = cfg.text.tie_word_embeddings
+            pack_linears(model.language_model, lambda name: not (tied and name == "lm_head") and dtype_of(
                 f"language_model.{name}.weight") == dtype)
     load_weights(model, directory, dtype_of, device)
     model.eval()
