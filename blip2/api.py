@@ -18,22 +18,62 @@ from .hub import DEFAULT_MODEL, resolve
 from .layers import can_pack, pack_linears
 from .model import Blip2Model
 from .processing import ImageProcessor, ImageSource, PromptTokenizer
+from .quantize import Quantization, quantize_linears, stored_quantization
 from .weights import load_weights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu",
+                encoder_decoder: bool = False) -> torch.dtype:
+    """A dtype name or torch.dtype to a torch.dtype; None is float32, "auto" is `auto_dtype(device)`."""
     if dtype is None:
         return torch.float32
+    if dtype == "auto":
+        return auto_dtype(torch.device(device), encoder_decoder)
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype} (use float32, bfloat16 or float16)")
+            raise ValueError(f"unsupported dtype {dtype} (use float32, bfloat16, float16 or auto)")
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r} (use float32, bfloat16 or float16)")
+        raise ValueError(f"unsupported dtype {dtype!r} (use float32, bfloat16, float16 or auto)")
     return DTYPES[dtype]
+
+
+def auto_dtype(device: torch.device, encoder_decoder: bool = False) -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs from
+    Ampere on), float16 on other CUDA GPUs (float32 for T5, which overflows in float16), else float32:
+    emulated bfloat16 is slower than float32."""
+    if device.type == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.3
+            native = torch.cuda.is_bf16_supported()
+        if native:
+            return torch.bfloat16
+        return torch.float32 if encoder_decoder else torch.float16
+    if device.type == "cpu" and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # torch's own checks, where present
+        check = getattr(torch.cpu, probe, None)
+        if check is not None and check():
+            return True
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": the Arm Features line
+
+
+T5_FLOAT16 = ("Flan-T5 overflows in float16 (it generates \"ssss\" or NaN, in the reference too): use "
+              "dtype=\"bfloat16\" or \"auto\", or force float16 with force_float16=True (CLI: --force-float16), "
+              "which keeps the reference's guards (T5's wo in float32, clamped activations)")
 
 
 def _dtype_plan(cfg: Blip2Config, dtype: torch.dtype):
@@ -48,6 +88,14 @@ def _dtype_plan(cfg: Blip2Config, dtype: torch.dtype):
         return dtype
 
     return dtype_of
+
+
+def _quantized_plan(model: Blip2Model, names: list[str], dtype_of):
+    """dtype_of, except that quantized layers read their weights as they declare them: float32 (to be
+    quantized on arrival) or the stored integer form, with float32 scales."""
+    declared = {f"{name}.{attr}": p.dtype for name in names
+                for attr, p in model.get_submodule(name).named_parameters() if attr != "bias"}
+    return lambda name: declared.get(name) or dtype_of(name)
 
 
 CAPTION = GenerationConfig(num_beams=5, max_new_tokens=30)
@@ -71,11 +119,13 @@ class Result:
 class Blip2:
     """A loaded BLIP-2 checkpoint: the model plus its image processor and tokenizer."""
 
-    def __init__(self, model: Blip2Model, path: Path, load_seconds: float):
+    def __init__(self, model: Blip2Model, path: Path, load_seconds: float,
+                 quantization: Quantization | None = None):
         self.model = model
         self.config = model.config
         self.path = path
         self.load_seconds = load_seconds
+        self.quantization = quantization
         self.image_processor = ImageProcessor.from_dir(path)
         self._tokenizer: PromptTokenizer | None = None
         self._queries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
@@ -226,21 +276,37 @@ def _texts(results, single: bool):
     return texts[0] if single else texts
 
 
-def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> Blip2:
+def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None, quantize: str | None = None, quantize_vision: bool = True,
+         force_float16: bool = False) -> Blip2:
     """Load a BLIP-2 checkpoint in the Hugging Face layout: a local directory or a hub id
     (downloaded once into the Hugging Face cache, only the files needed).
 
-    dtype: float32 (default), bfloat16 or float16; device: "cpu" (default), "cuda", ...
-    Each weight is read once and stored directly in its final dtype and device.
+    dtype: float32, bfloat16, float16 or "auto" (bfloat16 where the hardware computes it natively,
+    float16 on CUDA without it, else float32); default float32, or "auto" when quantizing. Flan-T5
+    refuses float16 unless force_float16=True. device: "cpu" (default), "cuda", ...
+    quantize: "int8" or "int4" weight-only quantization of the language model's layers and, unless
+    quantize_vision=False, the vision encoder's; a checkpoint written by `blip2 quantize` loads
+    quantized as it was written. Each weight is read once and stored directly in its final form.
     """
     start = time.perf_counter()
     directory = resolve(path)
     cfg = Blip2Config.from_file(directory)
-    dtype = parse_dtype(dtype)
+    stored = stored_quantization(directory)
+    if stored is not None and quantize not in (None, stored.mode):
+        raise ValueError(f"{directory} is quantized to {stored.mode}; it cannot be loaded as {quantize} "
+                         "(quantize the original checkpoint instead)")
+    quantization = stored or (Quantization(quantize, vision=quantize_vision) if quantize else None)
     device = torch.device(device or "cpu")
+    dtype = parse_dtype("auto" if dtype is None and quantization else dtype, device, cfg.is_encoder_decoder)
+    if dtype == torch.float16 and cfg.is_encoder_decoder and not force_float16:
+        raise ValueError(T5_FLOAT16)
     dtype_of = _dtype_plan(cfg, dtype)
     with torch.device("meta"):
         model = Blip2Model(cfg)
+        if quantization is not None:
+            names = quantize_linears(model, quantization, dtype_of, prequantized=stored is not None)
+            dtype_of = _quantized_plan(model, names, dtype_of)
         if can_pack(dtype, device):
             # Packing pays where the weights are read once per row (decoding); the vision encoder is
             # bound by arithmetic, not weight reads. A head tied to the embedding stays plain: the
@@ -250,4 +316,4 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
                 f"language_model.{name}.weight") == dtype)
     load_weights(model, directory, dtype_of, device)
     model.eval()
-    return Blip2(model, directory, time.perf_counter() - start)
+    return Blip2(model, directory, time.perf_counter() - start, quantization)

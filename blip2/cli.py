@@ -4,6 +4,8 @@
     blip2 ask photo.jpg "how many dogs are there?"
     blip2 chat photo.jpg
     blip2 info [--model DIR_OR_HUB_ID]
+    blip2 quantize SRC DST --int4 [--no-vision]
+    blip2 bench run --model opt-2.7b [--compare transformers]
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ def _load(args: argparse.Namespace):
     import blip2
 
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model = blip2.load(args.model, dtype=args.dtype, device=args.device)
-    print(f"loaded in {model.load_seconds:.1f} s ({model.dtype}, {model.device})", file=sys.stderr, flush=True)
+    model = blip2.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                       quantize_vision=not args.no_quantize_vision, force_float16=args.force_float16)
+    q = f", {model.quantization.mode}" if model.quantization else ""
+    print(f"loaded in {model.load_seconds:.1f} s ({model.dtype}{q}, {model.device})", file=sys.stderr, flush=True)
     return model
 
 
@@ -171,14 +175,38 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .quantize import QuantizedLinear
+
     model = _load(args)
     cfg = model.config
     params = {id(p): p.numel() for p in model.model.parameters()}
+    quantized = [m for m in model.model.modules() if isinstance(m, QuantizedLinear)]
+    count = sum(params.values()) + sum(m.in_features * m.out_features for m in quantized)
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.model.parameters(), *model.model.buffers()]}
     print(f"path: {model.path}")
-    print(f"language model: {cfg.text.model_type}, {sum(params.values()):,} parameters")
+    print(f"language model: {cfg.text.model_type}, {count:,} parameters, {sum(tensors.values()) / 2**30:.2f} GiB in memory")
+    if model.quantization:
+        q = model.quantization
+        group = f", groups of {q.group_size}" if q.mode == "int4" else ""
+        print(f"quantization: {q.mode}{group}, {len(quantized)} linear layers "
+              f"(language model{' and vision encoder' if q.vision else ''})")
     print(f"image size: {cfg.vision.image_size}, query tokens: {cfg.num_query_tokens}, "
           f"image token: {cfg.image_token_index}, end of sequence: {cfg.eos_token_ids}")
     print(f"dtype: {model.dtype}, device: {model.device}, loaded in {model.load_seconds:.2f} s")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .hub import resolve
+    from .quantize import GROUP_SIZE, Quantization, write_quantized
+
+    q = Quantization(args.mode, args.group_size or GROUP_SIZE, vision=not args.no_vision)
+    start = time.perf_counter()
+    print(f"quantizing {args.src} to {args.mode} ...", file=sys.stderr, flush=True)
+    shards = write_quantized(resolve(args.src), Path(args.dst), q)
+    size = sum(p.stat().st_size for p in shards) / 1e9
+    print(f"wrote {args.dst} ({len(shards)} shards, {size:.2f} GB) in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr, flush=True)
     return 0
 
 
@@ -187,8 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or hub id ({DEFAULT_MODEL})")
-    common.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    common.add_argument("--dtype", default=None,
+                        help="float32 (default; auto when quantizing), bfloat16, float16 or auto (bfloat16 where "
+                             "the hardware computes it natively, else float16 on CUDA, else float32)")
     common.add_argument("--device", default=None, help="cpu (default), cuda, cuda:1, ...")
+    common.add_argument("--quantize", choices=["int8", "int4"],
+                        help="weight-only quantization of the language model and vision encoder, while loading")
+    common.add_argument("--no-quantize-vision", action="store_true", help="with --quantize: keep the vision encoder in --dtype")
+    common.add_argument("--force-float16", action="store_true",
+                        help="run Flan-T5 in float16 although it overflows (with the reference's guards)")
     gen = argparse.ArgumentParser(add_help=False)
     g = gen.add_argument_group("generation (defaults: the task's, see README)")
     g.add_argument("--beams", type=int, help="beam search width (1: greedy)")
@@ -220,10 +255,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", parents=[common], help="load a checkpoint and describe it")
     p.set_defaults(run=_info)
+
+    p = sub.add_parser("quantize", help="write a quantized copy of a checkpoint, which every command loads directly")
+    p.add_argument("src", help="checkpoint directory or hub id")
+    p.add_argument("dst", help="new directory for the quantized checkpoint")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--int8", dest="mode", action="store_const", const="int8", help="int8, one scale per output channel")
+    mode.add_argument("--int4", dest="mode", action="store_const", const="int4", help="int4, a scale and zero per group")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default)")
+    p.add_argument("--no-vision", action="store_true", help="keep the vision encoder unquantized")
+    p.set_defaults(run=_quantize)
+
+    p = sub.add_parser("bench", add_help=False, help="the side-by-side benchmark against transformers "
+                       "(blip2 bench --help; see BENCHMARKS.md)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: `blip2 bench --help` shows the benchmark's options
+        from .bench import main as bench
+
+        return bench(argv[1:], prog="blip2 bench")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

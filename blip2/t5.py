@@ -102,8 +102,11 @@ class DenseReluDense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))
-        # wo may be kept in float32 while the rest is float16 (the reference's overflow guard).
-        return self.wo(h.to(self.wo.weight.dtype))
+        # wo may be kept in float32 while the rest is float16 (the reference's overflow guard); a
+        # quantized wo (integer weight) casts its input itself.
+        if self.wo.weight.is_floating_point():
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
 
 
 class SelfAttentionBlock(nn.Module):

@@ -82,7 +82,7 @@ def _mapped(f, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     """Yield (key, shape, read) for each tensor of a safetensors file; read(dtype) returns the tensor
-    in that dtype, reading the file only then."""
+    in that dtype (None: as stored), reading the file only then."""
     with open(path, "rb") as f:
         header, base = _safetensors_header(path, f)
     for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -93,7 +93,12 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
         if math.prod(info["shape"]) * stored.itemsize != end - start:
             raise WeightsError(f"{path}: {key} has {end - start} bytes for shape {info['shape']}")
 
-        def read(dtype: torch.dtype, key=key, shape=info["shape"], stored=stored, start=start, end=end):
+        def read(dtype: torch.dtype | None, key=key, shape=info["shape"], stored=stored, start=start, end=end):
+            dtype = dtype or stored
+            if dtype.is_floating_point and not stored.is_floating_point:
+                # Quantized weights read as floats would be garbage, not an error further on.
+                raise WeightsError(f"{path}: {key} is stored as {stored}, the model expects {dtype} "
+                                   "(a quantized checkpoint whose config.json lost its \"quantization\" entry?)")
             with open(path, "rb", buffering=0) as f:
                 if dtype != stored and end > start:
                     return _mapped(f, base + start, end - start, stored).view(shape).to(dtype)
@@ -113,7 +118,7 @@ def read_bin(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     except Exception as e:  # torch raises many types for corrupt zip/pickle files
         raise WeightsError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
     for key, t in state.items():
-        yield key, tuple(t.shape), lambda dtype, t=t: t.to(dtype, copy=True)
+        yield key, tuple(t.shape), lambda dtype, t=t: t.to(dtype or t.dtype, copy=True)
 
 
 def read_checkpoint(directory: Path) -> Iterator[tuple[str, tuple, Callable, Path]]:

@@ -1,16 +1,21 @@
-"""The benchmark's random checkpoints have exactly the layout transformers saves and loads."""
+"""The benchmark: random checkpoints in exactly the layout transformers saves and loads, the floors, the run."""
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from math import prod
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
-from blip2.bench import CONFIGS, _checkpoint_shapes, _write_checkpoint, measure_load
+import blip2
+from blip2.bench import CONFIGS, PROMPT, ROWS, _checkpoint_shapes, _write_checkpoint, floors, work
 
 transformers = pytest.importorskip("transformers")
 
@@ -100,10 +105,50 @@ def test_full_size_specs_have_the_released_parameter_counts():
     assert t5 == 985_952_256 + 105_162_240 + 1_574_912 + 2_849_757_184
 
 
-@pytest.mark.parametrize("system", ["ours", "transformers"])
-def test_measure_load_reports_time_and_memory_of_a_load_in_a_fresh_process(tmp_path, system):
-    out = _write_checkpoint(_tiny("opt-2.7b"), tmp_path, shard_bytes=40_000)
-    result = measure_load(system, out)
-    assert result["seconds"] > 0
-    assert 0 < result["final_rss_gb"] <= result["peak_rss_gb"] < 20
-    assert 0 < result["peak_anon_gb"] <= result["peak_rss_gb"]
+def test_bench_tokenizer_gives_transformers_and_us_the_same_ids_with_the_image_token_at_its_config_id(tmp_path):
+    config = _tiny("opt-2.7b")
+    out = _write_checkpoint(config, tmp_path, shard_bytes=40_000)
+    processor = transformers.Blip2Processor.from_pretrained(out, backend="pil")
+    theirs = processor(images=[Image.new("RGB", (64, 48))], text=[PROMPT], return_tensors="pt").input_ids
+    ours = blip2.load(out).tokenizer([PROMPT]).input_ids
+    assert torch.equal(ours, theirs)
+    n = config["num_query_tokens"]
+    assert theirs[0, :n].tolist() == [config["image_token_index"]] * n
+    # BOS "</s>" (id 2) then the prompt in words, as GPT-2's tokenizer splits it.
+    assert theirs[0, n].item() == 2 and theirs.shape[1] == n + 13
+
+
+def test_floors_count_every_weight_a_decoding_step_reads():
+    opt = work(CONFIGS["opt-2.7b"], dict(_checkpoint_shapes(CONFIGS["opt-2.7b"])), prompt_ids=13)
+    # 32 OPT layers (q, k, v, out 2560^2; fc1, fc2 2560x10240) and the tied 50304x2560 head.
+    assert opt["step_params"] == 32 * (4 * 2560**2 + 2 * 2560 * 10240) + 50304 * 2560
+    assert opt["params"] == 985_952_256 + 105_162_240 + 1_968_640 + 2_651_678_720
+    # ViT-g: 257 tokens through 985 M weights dominate one image's encoding.
+    assert 257 * 0.98e9 < opt["encode_macs"] < 257 * 1.05e9
+    t5 = work(CONFIGS["flan-t5-xl"], dict(_checkpoint_shapes(CONFIGS["flan-t5-xl"])), prompt_ids=13)
+    # T5 decoder: self-attention 4, cross-attention q and o 2 (its keys and values come from the prefill),
+    # gated FFN 3 matrices; plus the untied head.
+    assert t5["step_params"] == 24 * (6 * 2048**2 + 3 * 2048 * 5120) + 32128 * 2048
+
+    f = floors(opt, {"bandwidth_gbs": 10.0, "matmul_gflops": 100.0}, dtype_bytes=2, new_tokens=20, batches=[8])
+    assert f["decode_ms"] == pytest.approx(1e3 * opt["step_params"] * 2 / 10e9)
+    assert f["encode_s"] == pytest.approx(2 * opt["encode_macs"] / 100e9)
+    assert f["e2e_s"] > f["encode_s"] + 19 * f["decode_ms"] / 1e3
+    assert f["b8_ips"] > 1 / f["e2e_s"]  # a batch shares the weight reads
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs(tmp_path):
+    """The CI form: both systems in fresh processes on a small config; every row of the table."""
+    json_path = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "blip2.bench", "run", "--quick", "--dir", str(tmp_path),
+                           "--json", str(json_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].split(" | ")[1:4] == ["ours", "transformers", "ours/transformers"]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [label for _, label, _ in ROWS]
+    raw = json.loads(json_path.read_text())
+    for system in ("ours", "transformers"):
+        (run,) = raw["runs"][system]
+        assert len(run["tokens"]) == 20 and run["load_s"] > 0 and run["peak_rss_gb"] >= run["load_rss_gb"] > 0

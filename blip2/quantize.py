@@ -1,0 +1,322 @@
+"""Weight-only int8 and int4 linear layers on torch's own kernels, quantized while loading.
+
+int8: symmetric, one scale per output channel, w ~ q * s with q in [-127, 127]
+      (aten._weight_int8pack_mm on CPU; dequantize-then-matmul elsewhere).
+int4: asymmetric, one scale and zero per group of `group_size` inputs, w ~ (q - 8) * s + z with q in
+      [0, 15] (the "tinygemm" convention: aten._weight_int4pack_mm_for_cpu, aten._weight_int4pack_mm on CUDA).
+
+Quantized: every Linear inside a transformer layer of the language model (OPT q/k/v/out_proj, fc1,
+fc2; T5 q/k/v/o, wi/wi_0/wi_1, wo) and, unless `vision=False`, of the vision encoder (qkv,
+projection, fc1, fc2). The embeddings, lm_head, Q-Former and language projection keep the float dtype.
+
+A quantized checkpoint stores a portable form, the same on every device; the kernels' packed layout
+(which differs between CPU and CUDA) is made at load:
+    int8: <layer>.weight int8 [N, K], <layer>.scales float32 [N]
+    int4: <layer>.weight uint8 [N, K/2] (column 2j in the low nibble, 2j+1 in the high one),
+          <layer>.scales and <layer>.zeros float32 [N, K/group_size]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("int8", "int4")
+# 128 keeps int4 scales at 0.25 bit per weight; see README "Precision and quantization" for the measured
+# quality and speed of 32, 64 and 128.
+GROUP_SIZE = 128
+_ROWS = 1024  # quantize and pack this many output rows at a time, so temporaries stay small
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """What is quantized and how: recorded as the "quantization" entry of a quantized checkpoint's config.json."""
+
+    mode: str
+    group_size: int = GROUP_SIZE  # int4 only
+    vision: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unsupported quantization {self.mode!r} (use {' or '.join(MODES)})")
+        if self.mode == "int4" and self.group_size not in (32, 64, 128, 256):
+            raise ValueError(f"unsupported int4 group size {self.group_size} (use 32, 64, 128 or 256)")
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        if self.mode == "int8":
+            out.pop("group_size")
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Quantization":
+        try:
+            return cls(raw["mode"], int(raw.get("group_size", GROUP_SIZE)), bool(raw.get("vision", True)))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"config.json: malformed \"quantization\" entry {raw!r} ({e})") from None
+
+
+def stored_quantization(directory: Path) -> Quantization | None:
+    """The quantization a checkpoint directory was written with (`blip2 quantize`), or None."""
+    raw = json.loads((Path(directory) / "config.json").read_text()).get("quantization")
+    return None if raw is None else Quantization.from_json(raw)
+
+
+def unfit(in_features: int, out_features: int, q: Quantization) -> str | None:
+    """Why the kernels cannot take this Linear (None when they can). Checked the same way on every
+    device, so a quantized checkpoint loads anywhere."""
+    if q.mode == "int8" and in_features % 16:
+        return f"int8 needs in_features divisible by 16, got {in_features}"  # the CPU kernel reads 16 at a time
+    if q.mode == "int4" and in_features % q.group_size:
+        return f"int4 needs in_features divisible by the group size {q.group_size}, got {in_features}"
+    if q.mode == "int4" and out_features % 16:
+        return f"int4 needs out_features divisible by 16, got {out_features}"
+    return None
+
+
+def target_names(model: nn.Module, q: Quantization) -> list[str]:
+    """Names of the Linear modules of `model` (a Blip2Model) that `q` quantizes, unfit ones excluded."""
+    prefixes = ["language_model.model.decoder.layers.", "language_model.encoder.block.",
+                "language_model.decoder.block."]
+    if q.vision:
+        prefixes.append("vision_model.encoder.layers.")
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.startswith(tuple(prefixes)):
+            reason = unfit(module.in_features, module.out_features, q)
+            if reason:
+                log.debug("%s stays unquantized: %s", name, reason)
+            else:
+                names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantize and dequantize (the portable form)
+
+
+def quantize_weight(w: torch.Tensor, q: Quantization) -> dict[str, torch.Tensor]:
+    """A float weight [N, K] to its portable quantized form (see the module docstring); scales in float32."""
+    w = w.detach()
+    n, k = w.shape
+    if q.mode == "int8":
+        qw = torch.empty(n, k, dtype=torch.int8, device=w.device)
+        scales = torch.empty(n, dtype=torch.float32, device=w.device)
+        for r in range(0, n, _ROWS):
+            rows = w[r:r + _ROWS].float()
+            s = rows.abs().amax(1).clamp(min=1e-12) / 127
+            qw[r:r + _ROWS] = (rows / s[:, None]).round_().clamp_(-127, 127)
+            scales[r:r + _ROWS] = s
+        return {"weight": qw, "scales": scales}
+    g = q.group_size
+    packed = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
+    scales = torch.empty(n, k // g, dtype=torch.float32, device=w.device)
+    zeros = torch.empty_like(scales)
+    for r in range(0, n, _ROWS):
+        rows = w[r:r + _ROWS].float().reshape(-1, k // g, g)
+        lo, hi = rows.amin(-1), rows.amax(-1)
+        s = (hi - lo).clamp(min=1e-6) / 15
+        codes = (rows - lo[..., None]).div_(s[..., None]).round_().clamp_(0, 15).to(torch.uint8).reshape(-1, k)
+        packed[r:r + _ROWS] = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        scales[r:r + _ROWS] = s
+        zeros[r:r + _ROWS] = lo + 8 * s
+    return {"weight": packed, "scales": scales, "zeros": zeros}
+
+
+def dequantize_weight(parts: dict[str, torch.Tensor], q: Quantization) -> torch.Tensor:
+    """The float32 weight [N, K] a portable quantized form stands for."""
+    if q.mode == "int8":
+        return parts["weight"].float() * parts["scales"].float()[:, None]
+    codes = _unpack_nibbles(parts["weight"]).float()
+    n, k = codes.shape
+    s, z = parts["scales"].float(), parts["zeros"].float()
+    return ((codes.view(n, -1, q.group_size) - 8) * s[..., None] + z[..., None]).view(n, k)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] -> int32 codes [N, K]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int32)
+
+
+def _inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
+def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Portable nibbles to the int4 kernel's layout on their device."""
+    if packed.device.type == "cuda":
+        # The CUDA op takes uint8 [N, K/2] with the even column in the high nibble.
+        swapped = (packed << 4) | (packed >> 4)
+        return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(packed.shape[1] * 2))
+    n = packed.shape[0]
+    # The CPU op takes int32 codes [N, K]; its layout is independent across blocks of 64 rows, so large
+    # weights are packed in slices to keep the int32 temporary small.
+    step = _ROWS if n % 64 == 0 else n
+    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed[r:r + step]), 1)
+                      for r in range(0, n, step)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear with int8 or int4 weights, computing in a float dtype (`dtype`: the activations').
+
+    Built on the meta device before loading. Its parameters say what the checkpoint holds: a float
+    `weight` [N, K] (quantized the moment the loader hands it over, so the float model never exists),
+    or the portable quantized form written by `blip2 quantize` (`prequantized`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, q: Quantization, dtype: torch.dtype,
+                 prequantized: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.q, self.dtype = in_features, out_features, q, dtype
+        n, k = out_features, in_features
+        if not prequantized:
+            self.weight = nn.Parameter(torch.empty(n, k, dtype=torch.float32), requires_grad=False)
+        elif q.mode == "int8":
+            self.weight = nn.Parameter(torch.empty(n, k, dtype=torch.int8), requires_grad=False)
+            self.scales = nn.Parameter(torch.empty(n, dtype=torch.float32), requires_grad=False)
+        else:
+            self.weight = nn.Parameter(torch.empty(n, k // 2, dtype=torch.uint8), requires_grad=False)
+            self.scales = nn.Parameter(torch.empty(n, k // q.group_size, dtype=torch.float32), requires_grad=False)
+            self.zeros = nn.Parameter(torch.empty(n, k // q.group_size, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(n, dtype=dtype), requires_grad=False) if bias else None
+        self._parts: dict[str, torch.Tensor] = {}
+
+    def load_parameter(self, name: str, value: torch.Tensor) -> None:
+        """Called by the loader with each tensor as it is read."""
+        if name == "bias":
+            self.bias = nn.Parameter(value.to(self.dtype), requires_grad=False)
+            return
+        if name == "weight" and value.is_floating_point():
+            self._parts = quantize_weight(value, self.q)
+        else:
+            self._parts[name] = value
+        if len(self._parts) == (2 if self.q.mode == "int8" else 3):
+            self._finish(self._parts)
+            self._parts = {}
+
+    def _finish(self, parts: dict[str, torch.Tensor]) -> None:
+        for name in ("weight", "scales", "zeros"):
+            self._parameters.pop(name, None)
+        if self.q.mode == "int8":
+            self.register_buffer("weight", parts["weight"].contiguous())
+            self.register_buffer("scales", parts["scales"].to(self.dtype))
+        else:
+            self.register_buffer("weight", _pack_int4(parts["weight"]))
+            sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1)  # [K/G, N, 2]
+            dtype = torch.bfloat16 if self.weight.device.type == "cuda" else self.dtype  # CUDA tinygemm: bf16 only
+            self.register_buffer("scales_and_zeros", sz.to(dtype).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).to(self.dtype)
+        cpu = x.device.type == "cpu"
+        if self.q.mode == "int8":
+            if cpu or x.device.type == "mps":
+                y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
+            else:
+                y = F.linear(x, self.weight.to(self.dtype) * self.scales[:, None])
+        elif cpu:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.q.group_size,
+                                                           self.scales_and_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.weight,
+                                                   self.q.group_size, self.scales_and_zeros).to(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.q.group_size}" if self.q.mode == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.q.mode}{g}, dtype={self.dtype}"
+
+
+def quantize_linears(model: nn.Module, q: Quantization, dtype_of, prequantized: bool = False) -> list[str]:
+    """Replace, on a meta-device Blip2Model before loading, the Linear layers `q` targets by
+    QuantizedLinear (computing in dtype_of(<layer>.weight)). Returns their names."""
+    names = target_names(model, q)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        setattr(parent, child, QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None, q,
+                                               dtype_of(f"{name}.weight"), prequantized))
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quantized checkpoints
+
+
+_SHARD_BYTES = 2 * 10**9
+
+
+def write_quantized(src: Path, dst: Path, q: Quantization) -> list[Path]:
+    """Write the checkpoint in `src` to the new directory `dst` with the target Linear weights in
+    portable quantized form, one tensor at a time, in safetensors shards of at most 2 GB (other tensors
+    as stored); config.json gains a "quantization" entry; the tokenizer and processor files are
+    copied. Returns the shard paths."""
+    from safetensors.torch import save_file
+
+    from .config import Blip2Config
+    from .model import Blip2Model
+    from .weights import checkpoint_files, read_checkpoint
+
+    src, dst = Path(src), Path(dst)
+    if stored_quantization(src) is not None:
+        raise ValueError(f"{src} is already quantized")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty")
+    cfg = Blip2Config.from_file(src)
+    with torch.device("meta"):
+        targets = set(target_names(Blip2Model(cfg), q))
+    dst.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, torch.Tensor] = {}
+    written: list[tuple[Path, list[str]]] = []
+
+    def flush() -> None:
+        written.append((dst / f"part-{len(written) + 1:05d}.safetensors", list(shard)))
+        save_file(shard, str(written[-1][0]), metadata={"format": "pt"})
+        shard.clear()
+
+    size = 0
+    for key, _shape, read, _path in read_checkpoint(src):
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and module in targets:
+            tensors = {f"{module}.{k}": v for k, v in quantize_weight(read(torch.float32), q).items()}
+        else:
+            tensors = {key: read(None)}
+        for k, v in tensors.items():
+            nbytes = v.numel() * v.element_size()
+            if shard and size + nbytes > _SHARD_BYTES:
+                flush()
+                size = 0
+            shard[k] = v.contiguous()
+            size += nbytes
+    flush()
+    paths, weight_map = [], {}
+    for i, (part, keys) in enumerate(written, 1):
+        paths.append(part.rename(dst / f"model-{i:05d}-of-{len(written):05d}.safetensors"))
+        weight_map.update(dict.fromkeys(keys, paths[-1].name))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    raw = json.loads((src / "config.json").read_text())
+    raw["quantization"] = q.to_json()
+    (dst / "config.json").write_text(json.dumps(raw, indent=2))
+    skip = {p.name for p in checkpoint_files(src)} | {"config.json", "model.safetensors.index.json",
+                                                      "pytorch_model.bin.index.json"}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+    return paths

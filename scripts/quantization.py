@@ -1,0 +1,287 @@
+"""Memory, decode speed and quality of each precision and quantization mode, one fresh process per mode.
+
+    python scripts/quantization.py report --model ~/.cache/blip2/bench/opt-2.7b \
+        --modes float32,bfloat16,int8,int4 [--reference float32] [--json out.json]
+    python scripts/quantization.py probe --model DIR --dtype bfloat16 --quantize int4 [--logits out.pt]
+
+Memory: resident set size (VmRSS) right after `import torch, blip2`, right after `blip2.load`, and the
+peak (VmHWM) over the whole load; the model's share is the difference. Speed: milliseconds per decoded
+token, batch 1, the median of timed `session.step()` calls after a prefill (decoding reads every
+weight once per token). Quality: logits teacher-forced over 256 text positions on fixed random inputs,
+compared with a reference mode's (relative error of the whole logits tensor, top-1 agreement).
+The functions are meant to be called from the benchmark as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 2**30
+POSITIONS = 256
+
+
+def status_bytes(field: str) -> int:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def teacher_forced_inputs(config, positions: int = POSITIONS, seed: int = 0):
+    """Fixed random inputs: one image and `positions` text positions whose logits are compared."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    size = config.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=g)
+    q = config.num_query_tokens
+    image = [config.image_token_index] * q if config.image_token_index is not None else []
+    text = lambda n: _text_ids(config, n, g).tolist()  # noqa: E731
+    if config.is_encoder_decoder:
+        prompt = text(32) + [1]
+        ids = torch.tensor([image + prompt])
+        decoder = torch.tensor([[config.text.decoder_start_token_id]
+                                + text(positions - 1)])
+        return pixels, ids, decoder
+    bos = config.text.bos_token_id if config.text.bos_token_id is not None else 2
+    ids = torch.tensor([image + [bos] + text(positions - 1)])
+    return pixels, ids, None
+
+
+def _text_ids(config, n: int, g):
+    """n random ordinary token ids (no special or image tokens)."""
+    import torch
+
+    ids = torch.randint(3, min(config.text.vocab_size, 32000), (n,), generator=g)
+    return ids.masked_fill(ids == (config.image_token_index or -1), 3)
+
+
+def teacher_forced_logits(model, positions: int = POSITIONS, seed: int = 0):
+    """float32 logits [positions, vocab] of a loaded `blip2.Blip2` on teacher_forced_inputs."""
+    pixels, ids, decoder = teacher_forced_inputs(model.config, positions, seed)
+    logits = model.forward(pixels, ids, None, decoder)
+    return logits[0, -positions:].float()
+
+
+def compare(reference, logits) -> dict[str, float]:
+    """Relative error of the whole logits tensor and top-1 agreement, against reference logits."""
+    ref, out = reference.double(), logits.double()
+    return {"relative_error": float((out - ref).norm() / ref.norm()),
+            "top1_agreement": float((out.argmax(-1) == ref.argmax(-1)).double().mean())}
+
+
+def decode_ms_per_token(model, steps: int = 16, prompt_tokens: int = 16, seed: int = 0) -> float:
+    """Median milliseconds of one decoding step (batch 1, greedy) of a loaded `blip2.Blip2`."""
+    import torch
+
+    from blip2.opt import OPTSession
+    from blip2.t5 import T5Session
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(1, cfg.num_query_tokens, cfg.text.hidden_size, generator=g).to(model.dtype)
+    ids = _text_ids(cfg, prompt_tokens, g)[None]
+    times = []
+    with torch.inference_mode():
+        embeds, mask = model.model.embed_inputs(queries, ids, torch.ones_like(ids))
+        session_class = T5Session if cfg.is_encoder_decoder else OPTSession
+        session = session_class(model.model.language_model, embeds, mask, 1, steps + 2)
+        token = session.prefill().argmax(-1)
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            token = session.step(token).argmax(-1)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[1:])  # the first step warms up
+
+
+def encode_image_ms(model, repeat: int = 2) -> float:
+    """Milliseconds of encode_images for one image (vision encoder, Q-Former, projection), best of `repeat`."""
+    import torch
+
+    size = model.config.vision.image_size
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        model.encode_images(pixels)
+        times.append(time.perf_counter() - start)
+    return 1000 * min(times)
+
+
+def probe(model_dir: str, dtype: str | None, quantize: str | None, vision: bool = True, logits: str | None = None,
+          speed_steps: int = 16) -> dict:
+    """Load once in this (fresh) process; memory right after loading, then decode speed and logits."""
+    import torch
+
+    import blip2
+
+    baseline = status_bytes("VmRSS")
+    model = blip2.load(model_dir, dtype=dtype, quantize=quantize, quantize_vision=vision)
+    after, peak = status_bytes("VmRSS"), status_bytes("VmHWM")
+    out = {"dtype": str(model.dtype).removeprefix("torch."), "quantize": quantize, "vision": vision,
+           "threads": torch.get_num_threads(), "load_seconds": model.load_seconds,
+           "rss_baseline_gib": baseline / GiB, "rss_after_load_gib": after / GiB, "rss_peak_gib": peak / GiB,
+           "model_gib": (after - baseline) / GiB, "peak_over_final": peak / after}
+    if speed_steps:
+        out["decode_ms_per_token"] = decode_ms_per_token(model, speed_steps)
+        out["encode_image_ms"] = encode_image_ms(model)
+    if logits:
+        torch.save(teacher_forced_logits(model), logits)
+    return out
+
+
+def run_probe(model_dir: str, mode: str, logits: str | None = None, speed_steps: int = 16) -> dict:
+    """probe() in a fresh process. mode: float32, bfloat16, float16, auto, int8, int4 (with dtype auto),
+    int8-novision / int4-novision, or LABEL=DIR: the checkpoint in DIR (one `blip2 quantize` wrote)."""
+    label = mode
+    if "=" in mode:
+        label, model_dir = mode.split("=", 1)
+        mode = "auto"
+    quantize, vision = (mode.split("-")[0], not mode.endswith("-novision")) if mode.startswith("int") else (None, True)
+    cmd = [sys.executable, __file__, "probe", "--model", str(model_dir), "--speed-steps", str(speed_steps)]
+    cmd += ["--quantize", quantize, "--dtype", "auto"] if quantize else ["--dtype", mode]
+    if not vision:
+        cmd.append("--no-quantize-vision")
+    if logits:
+        cmd += ["--logits", logits]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return {"mode": label, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def report(model_dir: str, modes: list[str], reference: str | None, speed_steps: int = 16,
+           logits_dir: str | None = None) -> list[dict]:
+    """Every mode in its own process; quality against `reference` (one of the modes, run first, or
+    its logits already in logits_dir)."""
+    import torch
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = logits_dir or tmp
+        done = reference is None or Path(f"{tmp}/{reference}.pt").exists()
+        order = ([] if done else [reference]) + [m for m in modes if m != reference or not done]
+        for mode in dict.fromkeys(order):
+            label = mode.split("=")[0]
+            print(f"probing {label} ...", file=sys.stderr, flush=True)
+            r = run_probe(model_dir, mode, logits=f"{tmp}/{label}.pt", speed_steps=speed_steps)
+            if reference:
+                r.update(compare(torch.load(f"{tmp}/{reference}.pt"), torch.load(f"{tmp}/{label}.pt")))
+            results.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    return results
+
+
+def markdown(results: list[dict], reference: str | None) -> str:
+    base = next((r["decode_ms_per_token"] for r in results if r["mode"] == "bfloat16"
+                 and "decode_ms_per_token" in r), None)
+    rows = ["| mode | model RSS (GiB) | RSS after load (GiB) | peak / final | decode ms/token | vs bfloat16 "
+            f"| encode ms/image | rel. logits error vs {reference} | top-1 agreement |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ms = r.get("decode_ms_per_token")
+        speed = f"{ms:.0f} | {ms / base:.2f}×" if ms and base else (f"{ms:.0f} | –" if ms else "– | –")
+        quality = f"{r['relative_error']:.4f} | {r['top1_agreement']:.3f}" if "relative_error" in r else "– | –"
+        encode = f"{r['encode_image_ms']:.0f}" if "encode_image_ms" in r else "–"
+        rows.append(f"| {r['mode']} | {r['model_gib']:.2f} | {r['rss_after_load_gib']:.2f} | "
+                    f"{r['peak_over_final']:.3f} | {speed} | {encode} | {quality} |")
+    return "\n".join(rows)
+
+
+def qformer_precision(model_dir: str, dtype: str = "bfloat16", images: int = 8, new_tokens: int = 20) -> dict:
+    """Does running the Q-Former in `dtype` rather than float32 (the rest of the model in `dtype`
+    either way) change the outputs? Relative error of encode_images against the float32 model's, and
+    agreement of greedy tokens with it, for each choice."""
+    import torch
+
+    import blip2
+    import blip2.api
+    from blip2.generation import GenerationConfig
+
+    plan = blip2.api._dtype_plan
+
+    def load(qformer_float32: bool):
+        def patched(cfg, dt):
+            dtype_of = plan(cfg, dt)
+            keep = lambda n: qformer_float32 and (n == "query_tokens" or n.startswith("qformer."))  # noqa: E731
+            return lambda n: torch.float32 if keep(n) else dtype_of(n)
+
+        blip2.api._dtype_plan = patched
+        try:
+            return blip2.load(model_dir, dtype=dtype if qformer_float32 is not None else "float32")
+        finally:
+            blip2.api._dtype_plan = plan
+
+    cfg = blip2.Blip2Config.from_file(model_dir)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(images, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    ids = torch.stack([_text_ids(cfg, 8, g) for _ in range(images)])
+    if cfg.image_token_index is not None:
+        ids = torch.cat([torch.full((images, cfg.num_query_tokens), cfg.image_token_index), ids], 1)
+    gen = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    out = {}
+    for name, choice in (("float32", None), (f"{dtype} Q-Former", False), ("float32 Q-Former", True)):
+        model = load(choice)
+        with torch.inference_mode():
+            queries = model.encode_images(pixels).float()
+            tokens = [h[0].token_ids for h in model.model.generate(queries.to(model.dtype), ids, None, gen)]
+        out[name] = (queries, tokens)
+        del model
+    ref_q, ref_t = out.pop("float32")
+    result = {}
+    for name, (queries, tokens) in out.items():
+        same = sum(a == b for x, y in zip(tokens, ref_t) for a, b in zip(x, y))
+        result[name] = {"encode_images_relative_error": float((queries - ref_q).norm() / ref_q.norm()),
+                        "greedy_token_agreement": same / sum(len(y) for y in ref_t),
+                        "identical_sequences": sum(x == y for x, y in zip(tokens, ref_t)) / len(ref_t)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--quantize", choices=["int8", "int4"])
+    p.add_argument("--no-quantize-vision", action="store_true")
+    p.add_argument("--logits")
+    p.add_argument("--speed-steps", type=int, default=16)
+    r = sub.add_parser("report")
+    r.add_argument("--model", required=True)
+    r.add_argument("--modes", default="float32,bfloat16,int8,int4")
+    r.add_argument("--reference", default="float32", help="mode the others' logits are compared with ('' for none)")
+    r.add_argument("--speed-steps", type=int, default=16)
+    r.add_argument("--json")
+    r.add_argument("--logits-dir", help="keep the logits here (and reuse the reference's when present)")
+    qf = sub.add_parser("qformer", help="bfloat16 vs float32 Q-Former, the rest of the model in bfloat16")
+    qf.add_argument("--model", required=True)
+    qf.add_argument("--dtype", default="bfloat16")
+    qf.add_argument("--images", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.command == "qformer":
+        print(json.dumps(qformer_precision(args.model, args.dtype, args.images), indent=2))
+        return 0
+    if args.command == "probe":
+        print(json.dumps(probe(args.model, args.dtype, args.quantize, not args.no_quantize_vision, args.logits,
+                               args.speed_steps)))
+        return 0
+    modes = args.modes.split(",")
+    results = report(args.model, modes, args.reference or None, args.speed_steps, args.logits_dir)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(markdown(results, args.reference or None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
