@@ -455,11 +455,13 @@ def _open_images(files: list[str]) -> list:
 class _Ours:
     """blip2.load + Blip2.generate (file in, text out) + Blip2.encode_images."""
 
+    quantize: str | None = None
+
     def __init__(self, path: str, dtype: str):
         import blip2
 
         start = time.perf_counter()
-        self.model = blip2.load(path, dtype=dtype)
+        self.model = blip2.load(path, dtype=dtype, quantize=self.quantize)
         self.load_s = time.perf_counter() - start
 
     def answer(self, files: list[str], prompt: str, new_tokens: int) -> list[list[int]]:
@@ -525,7 +527,16 @@ class _VLLM:
     pixels = encode = None  # vLLM has no separate image-encoding call
 
 
-_SYSTEMS = {"ours": _Ours, "transformers": _Transformers, "vllm": _VLLM}
+class _OursInt8(_Ours):
+    quantize = "int8"
+
+
+class _OursInt4(_Ours):
+    quantize = "int4"
+
+
+_SYSTEMS = {"ours": _Ours, "transformers": _Transformers, "vllm": _VLLM, "ours-int8": _OursInt8,
+            "ours-int4": _OursInt4}
 
 
 def worker(spec_json: str) -> None:
@@ -659,15 +670,17 @@ def markdown_table(summaries: dict[str, dict], floor: dict[str, float]) -> str:
     For rows marked ↑ (images/s) the floor is the most the machine allows, so x/floor is below 1.
     """
     systems = list(summaries)
-    others = [s for s in systems if s != "ours"]
+    ours = [s for s in systems if s.startswith("ours")]
+    # Each of our variants against each other system, and a quantized one against ours (bfloat16).
+    pairs = [(a, b) for a in ours for b in systems if b != a and (b == "ours" or not b.startswith("ours"))]
     ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
-    header = ["metric", *systems, *(f"ours/{s}" for s in others), "floor", *(f"{s}/floor" for s in systems)]
+    header = ["metric", *systems, *(f"{a}/{b}" for a, b in pairs), "floor", *(f"{s}/floor" for s in systems)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, label, _ in ROWS:
         values = [summaries[s][key] for s in systems]
         if all(v is None for v in values):
             continue
-        cells = [label, *map(_fmt, values), *(_fmt(ratio(values[0], summaries[s][key])) for s in others),
+        cells = [label, *map(_fmt, values), *(_fmt(ratio(summaries[a][key], summaries[b][key])) for a, b in pairs),
                  _fmt(floor.get(key)), *(_fmt(ratio(v, floor.get(key))) for v in values)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -703,7 +716,8 @@ def _agreement(runs: dict[str, list[dict]]) -> str:
             same = next((i for i, (a, b) in enumerate(zip(first["ours"], ids)) if a != b), len(ids))
             notes.append(f"ours and {s} generate the same {NEW_TOKENS} tokens" if same == len(ids) else
                          f"ours and {s} agree on the first {same} of {NEW_TOKENS} tokens (random weights, {s} "
-                         "rounds differently in low precision)")
+                         "rounds differently in low precision)" if not s.startswith("ours") else
+                         f"ours and {s} agree on the first {same} of {NEW_TOKENS} tokens (quantized weights)")
     return "; ".join(notes)
 
 
@@ -801,7 +815,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
             p.add_argument("--repeat", type=lambda v: max(1, int(v)), default=3,
                            help="fresh processes per system (default 3; 1 with --quick)")
             p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-            p.add_argument("--compare", default="transformers", help="comma-separated: transformers, vllm")
+            p.add_argument("--compare", default="transformers",
+                           help="comma-separated: transformers, vllm, ours-int8, ours-int4 (our engine quantized)")
             p.add_argument("--json", type=Path, default=None, help="also save the raw results here")
     args = parser.parse_args(argv)
     root = args.dir.expanduser() if args.dir else _default_dir()
@@ -812,7 +827,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
     compare = [s.strip() for s in args.compare.split(",") if s.strip()]
     unknown = sorted(set(compare) - set(_SYSTEMS))
     if unknown:
-        parser.error(f"--compare takes a comma-separated subset of transformers, vllm (got {', '.join(unknown)})")
+        parser.error(f"--compare takes a comma-separated subset of {', '.join(list(_SYSTEMS)[1:])} (got {', '.join(unknown)})")
     repeat = 1 if args.quick and "--repeat" not in (argv if argv is not None else sys.argv) else args.repeat
     try:
         print(run(args.model, root, repeat=repeat, dtype=args.dtype, compare=compare, quick=args.quick,

@@ -258,3 +258,18 @@ def _random_checkpoint(directory, cfg: dict):
               directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(cfg))
     return directory
+
+
+def test_int8_many_rows_path_equals_the_kernel_row_by_row():
+    # From _GEMM_ROWS rows on, int8 runs the float GEMM on the widened weight; it must agree with the
+    # int8 kernel, which takes the same rows a few at a time.
+    from blip2.quantize import _GEMM_ROWS
+
+    q = Quantization("int8")
+    layer = QuantizedLinear(256, 96, True, q, torch.bfloat16)
+    for name, value in quantize_weight(torch.randn(96, 256) * 0.02, q).items():
+        layer.load_parameter(name, value)
+    layer.load_parameter("bias", torch.randn(96))
+    x = torch.randn(_GEMM_ROWS + 8, 256).bfloat16()
+    rowwise = torch.cat([layer(x[i:i + 4]) for i in range(0, len(x), 4)])
+    assert rel_err(layer(x).float(), rowwise.float()) < 0.01
