@@ -6,8 +6,11 @@ int4: asymmetric, one scale and zero per group of `group_size` inputs, w ~ (q - 
       [0, 15] (the "tinygemm" convention: aten._weight_int4pack_mm_for_cpu, aten._weight_int4pack_mm on CUDA).
 
 Quantized: every Linear inside a transformer layer of the language model (OPT q/k/v/out_proj, fc1,
-fc2; T5 q/k/v/o, wi/wi_0/wi_1, wo) and, unless `vision=False`, of the vision encoder (qkv,
-projection, fc1, fc2). The embeddings, lm_head, Q-Former and language projection keep the float dtype.
+fc2; T5 q/k/v/o, wi/wi_0/wi_1, wo), its output head, and, unless `vision=False`, the image side: the
+vision encoder's layers (qkv, projection, fc1, fc2) and the Q-Former's. The token embedding is int8 in
+both modes (one scale per row; a head tied to it reads the same int8 rows, each row's scale being that
+output's scale). Norms, biases, position tables, query tokens and the language projection keep the
+float dtype.
 
 A quantized checkpoint stores a portable form, the same on every device; the kernels' packed layout
 (which differs between CPU and CUDA) is made at load:
@@ -83,20 +86,37 @@ def unfit(in_features: int, out_features: int, q: Quantization) -> str | None:
     return None
 
 
+EMBEDDINGS = ("language_model.model.decoder.embed_tokens", "language_model.shared")
+
+
+def layer_quantization(name: str, q: Quantization) -> Quantization:
+    """How the layer `name` is quantized under `q`: the token embedding is always int8 (rows are looked
+    up one by one, and int8 keeps the tied head's logits close)."""
+    return Quantization("int8", vision=q.vision) if name in EMBEDDINGS else q
+
+
 def target_names(model: nn.Module, q: Quantization) -> list[str]:
-    """Names of the Linear modules of `model` (a Blip2Model) that `q` quantizes, unfit ones excluded."""
+    """Names of the Linear (and token Embedding) modules of `model` (a Blip2Model) that `q` quantizes,
+    unfit ones excluded. A head tied to the embedding is not listed: it is the embedding."""
     prefixes = ["language_model.model.decoder.layers.", "language_model.encoder.block.",
                 "language_model.decoder.block."]
     if q.vision:
-        prefixes.append("vision_model.encoder.layers.")
+        prefixes += ["vision_model.encoder.layers.", "qformer.encoder.layer."]
+    tied = model.config.text.tie_word_embeddings
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith(tuple(prefixes)):
-            reason = unfit(module.in_features, module.out_features, q)
-            if reason:
-                log.debug("%s stays unquantized: %s", name, reason)
-            else:
-                names.append(name)
+        if isinstance(module, nn.Embedding) and name in EMBEDDINGS:
+            out_features, in_features = module.weight.shape
+        elif isinstance(module, nn.Linear) and (name.startswith(tuple(prefixes))
+                                                or name == "language_model.lm_head" and not tied):
+            out_features, in_features = module.out_features, module.in_features
+        else:
+            continue
+        reason = unfit(in_features, out_features, layer_quantization(name, q))
+        if reason:
+            log.debug("%s stays unquantized: %s", name, reason)
+        else:
+            names.append(name)
     return names
 
 
@@ -171,6 +191,7 @@ def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 # From this many rows on, int8 on CPU widens the weight and runs the float GEMM (see QuantizedLinear.forward).
 _GEMM_ROWS = 32
+_SCRATCH_ELEMENTS = 1 << 25  # 64 MB in bfloat16: the largest OPT-2.7b layer (fc1, 26 M) at once, the head in 4 parts
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
@@ -179,7 +200,8 @@ def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     n = shape[0] * shape[1]
     buf = _SCRATCH.get(dtype)
     if buf is None or buf.numel() < n:
-        buf = _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
+        with torch.inference_mode(False):  # an ordinary tensor: usable inside and outside inference mode
+            buf = _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)
 
 
@@ -242,7 +264,7 @@ class QuantizedLinear(nn.Module):
                 # The int8 kernel is a row-by-row product: for many rows (image patches, a prompt) the
                 # weight widened to the activations' dtype (int8 values are exact in bfloat16) through
                 # the float GEMM is up to 6x faster. Scales apply to the output, as in the kernel.
-                y = F.linear(x, _scratch(self.weight.shape, self.dtype).copy_(self.weight)) * self.scales
+                y = self._widened_linear(x)
             elif cpu or x.device.type == "mps":
                 y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
             else:
@@ -257,21 +279,54 @@ class QuantizedLinear(nn.Module):
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def _widened_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 weight widened to the activations' dtype, _SCRATCH_ELEMENTS at a time, through F.linear."""
+        rows = max(1, _SCRATCH_ELEMENTS // self.in_features)
+        if rows >= self.out_features:
+            return F.linear(x, _scratch(self.weight.shape, self.dtype).copy_(self.weight)) * self.scales
+        out = torch.empty(x.shape[0], self.out_features, dtype=self.dtype, device=x.device)
+        for r in range(0, self.out_features, rows):
+            w = self.weight[r:r + rows]
+            torch.mul(F.linear(x, _scratch(w.shape, self.dtype).copy_(w)), self.scales[r:r + rows], out=out[:, r:r + rows])
+        return out
+
     def extra_repr(self) -> str:
         g = f", group_size={self.q.group_size}" if self.q.mode == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.q.mode}{g}, dtype={self.dtype}"
 
 
+class QuantizedEmbedding(QuantizedLinear):
+    """A token embedding [vocab, dim] in int8 (one scale per row). Called with token ids it looks rows
+    up; called with hidden states it is the output head tied to the embedding (logits = x @ W.T, row
+    scales applied to the outputs)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return super().forward(x)
+        return self.weight[x].to(self.dtype) * self.scales[x].unsqueeze(-1)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, int8, dtype={self.dtype}"
+
+
 def quantize_linears(model: nn.Module, q: Quantization, dtype_of, prequantized: bool = False) -> list[str]:
-    """Replace, on a meta-device Blip2Model before loading, the Linear layers `q` targets by
-    QuantizedLinear (computing in dtype_of(<layer>.weight)). Returns their names."""
+    """Replace, on a meta-device Blip2Model before loading, the layers `q` targets by QuantizedLinear
+    (QuantizedEmbedding for the token embedding, which a tied head then shares), computing in
+    dtype_of(<layer>.weight). Returns their names."""
     names = target_names(model, q)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        lin = getattr(parent, child)
-        setattr(parent, child, QuantizedLinear(lin.in_features, lin.out_features, lin.bias is not None, q,
-                                               dtype_of(f"{name}.weight"), prequantized))
+        old = getattr(parent, child)
+        dtype = dtype_of(f"{name}.weight")
+        if isinstance(old, nn.Embedding):
+            vocab, dim = old.weight.shape
+            new = QuantizedEmbedding(dim, vocab, False, layer_quantization(name, q), dtype, prequantized)
+            if model.config.text.tie_word_embeddings:
+                model.language_model.lm_head = new
+        else:
+            new = QuantizedLinear(old.in_features, old.out_features, old.bias is not None, q, dtype, prequantized)
+        setattr(parent, child, new)
     return names
 
 
@@ -314,7 +369,8 @@ def write_quantized(src: Path, dst: Path, q: Quantization) -> list[Path]:
     for key, _shape, read, _path in read_checkpoint(src):
         module = key.removesuffix(".weight")
         if key.endswith(".weight") and module in targets:
-            tensors = {f"{module}.{k}": v for k, v in quantize_weight(read(torch.float32), q).items()}
+            parts = quantize_weight(read(torch.float32), layer_quantization(module, q))
+            tensors = {f"{module}.{k}": v for k, v in parts.items()}
         else:
             tensors = {key: read(None)}
         for k, v in tensors.items():

@@ -142,6 +142,7 @@ _ALIASES = {  # tied copies of the T5 embedding
     "language_model.encoder.embed_tokens.weight": "language_model.shared.weight",
     "language_model.decoder.embed_tokens.weight": "language_model.shared.weight",
 }
+
 _IGNORED = ("language_model.decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
@@ -191,6 +192,8 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
         loaded.add(name)
 
     def _other(key: str, shape: tuple, read: Callable, path: Path) -> None:
+        if key == "language_model.lm_head.weight" and model.config.text.tie_word_embeddings:
+            return  # a tied head stored anyway, where the model shares one module for both (quantized)
         if key in _ALIASES:
             aliased.setdefault(_ALIASES[key], (shape, read, path))  # read only if the embedding is absent
         elif key.endswith((".self_attn.q_bias", ".self_attn.v_bias")) and key.startswith("vision_model."):

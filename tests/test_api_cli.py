@@ -95,6 +95,22 @@ def test_same_image_is_encoded_once(ckpt, monkeypatch):
     assert calls == [1]
 
 
+def test_new_images_are_encoded_together_in_batches(ckpt, monkeypatch):
+    _, _, _, model = ckpt
+    model._queries.clear()
+    calls = []
+    original = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda px: calls.append(len(px)) or original(px))
+    monkeypatch.setattr(blip2.api, "ENCODE_BATCH", 2)
+    images = _images(3)
+    px = model.pixel_values([images[0], images[1], images[0], images[2]])
+    queries = model.image_queries(px)
+    assert calls == [2, 1]  # three distinct images, two at a time
+    assert torch.equal(queries[0], queries[2])
+    alone = original(px[3:])
+    assert torch.allclose(queries[3], alone[0], atol=1e-5)
+
+
 def test_render_chat_alternates_question_and_answer():
     messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a dog"},
                 {"role": "user", "content": [{"type": "text", "text": "what color?"}]}]

@@ -14,7 +14,7 @@ from torch import nn
 import blip2
 import blip2.api
 from blip2.cli import main
-from blip2.quantize import QuantizedLinear, Quantization, dequantize_weight, quantize_weight
+from blip2.quantize import QuantizedEmbedding, QuantizedLinear, Quantization, dequantize_weight, quantize_weight, unfit
 from checkpoints import full_checkpoint, opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 MiB = 2**20
@@ -85,10 +85,25 @@ def test_quantized_logits_close_to_float32(quant_ckpt, float32_logits, mode):
     lm, path, cfg = quant_ckpt
     reference = float32_logits
     model = blip2.load(path, dtype="bfloat16", quantize=mode)
-    layers = [m for m in model.model.modules() if isinstance(m, QuantizedLinear)]
-    assert len(layers) == (20 if lm == "opt" else 44)  # every target layer, vision encoder included
-    assert not isinstance(model.model.language_model.lm_head, QuantizedLinear)
-    assert type(model.model.language_projection) is nn.Linear
+    m = model.model
+    # Every linear layer of the language model, vision encoder and Q-Former is quantized, except where
+    # the kernels cannot take its widths (the tiny Q-Former's: 32 wide); the token embedding
+    # is int8 and a tied head is the embedding itself.
+    for part in (m.language_model, m.vision_model, m.qformer):
+        plain = [x for x in part.modules() if type(x) is nn.Linear]
+        assert all(unfit(x.in_features, x.out_features, model.quantization) for x in plain)
+        assert part is m.qformer or not plain
+    lm_model = m.language_model
+    embedding = lm_model.shared if lm == "t5" else lm_model.model.decoder.embed_tokens
+    assert isinstance(embedding, QuantizedEmbedding) and embedding.q.mode == "int8"
+    if lm == "opt":
+        assert lm_model.lm_head is embedding
+    else:  # Flan-T5's head is its own (vocabulary 99 here: int4 needs a multiple of 16)
+        if mode == "int8":
+            assert type(lm_model.lm_head) is QuantizedLinear and lm_model.lm_head.q.mode == "int8"
+        else:
+            assert not isinstance(lm_model.lm_head, QuantizedLinear) and unfit(128, 99, Quantization("int4"))
+    assert type(m.language_projection) is nn.Linear
     logits = _teacher_forced(model, lm, cfg)
     assert logits.shape[0] >= 256
     error = rel_err(logits, reference)
@@ -176,7 +191,7 @@ def test_cli_quantize_round_trip(ckpt_root, tmp_path, capsys):
     assert main(args + ["--model", str(out)]) == 0
     assert capsys.readouterr().out == at_load
     assert main(["info", "--model", str(out)]) == 0
-    assert "quantization: int4, groups of 128, 12 linear layers (language model)" in capsys.readouterr().out
+    assert "quantization: int4, groups of 128, 13 layers (language model; the token embedding in int8)" in capsys.readouterr().out
     assert main(["quantize", str(path), str(out), "--int8"]) == 1  # never overwrites
 
 
