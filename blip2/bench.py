@@ -456,12 +456,13 @@ class _Ours:
     """blip2.load + Blip2.generate (file in, text out) + Blip2.encode_images."""
 
     quantize: str | None = None
+    quantize_vision = True
 
     def __init__(self, path: str, dtype: str):
         import blip2
 
         start = time.perf_counter()
-        self.model = blip2.load(path, dtype=dtype, quantize=self.quantize)
+        self.model = blip2.load(path, dtype=dtype, quantize=self.quantize, quantize_vision=self.quantize_vision)
         self.load_s = time.perf_counter() - start
 
     def answer(self, files: list[str], prompt: str, new_tokens: int) -> list[list[int]]:
@@ -527,16 +528,14 @@ class _VLLM:
     pixels = encode = None  # vLLM has no separate image-encoding call
 
 
-class _OursInt8(_Ours):
-    quantize = "int8"
+def _quantized(mode: str, vision: bool) -> type:
+    return type(f"_Ours_{mode}{'' if vision else '_lm'}", (_Ours,), {"quantize": mode, "quantize_vision": vision})
 
 
-class _OursInt4(_Ours):
-    quantize = "int4"
-
-
-_SYSTEMS = {"ours": _Ours, "transformers": _Transformers, "vllm": _VLLM, "ours-int8": _OursInt8,
-            "ours-int4": _OursInt4}
+# ours-int8, ours-int4: quantized everywhere (blip2.load's default); ours-int8-lm, ours-int4-lm: the
+# language model only (quantize_vision=False).
+_SYSTEMS = {"ours": _Ours, "transformers": _Transformers, "vllm": _VLLM,
+            **{f"ours-{m}{'' if v else '-lm'}": _quantized(m, v) for m in ("int8", "int4") for v in (True, False)}}
 
 
 def worker(spec_json: str) -> None:
@@ -816,7 +815,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
                            help="fresh processes per system (default 3; 1 with --quick)")
             p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
             p.add_argument("--compare", default="transformers",
-                           help="comma-separated: transformers, vllm, ours-int8, ours-int4 (our engine quantized)")
+                           help="comma-separated: transformers, vllm, ours-int8, ours-int4 (our engine quantized), "
+                                "ours-int8-lm, ours-int4-lm (the language model only)")
             p.add_argument("--json", type=Path, default=None, help="also save the raw results here")
     args = parser.parse_args(argv)
     root = args.dir.expanduser() if args.dir else _default_dir()
