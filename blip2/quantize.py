@@ -235,10 +235,12 @@ class QuantizedLinear(nn.Module):
         if name == "bias":
             self.bias = nn.Parameter(value.to(self.dtype), requires_grad=False)
             return
-        if name == "weight" and value.is_floating_point():
-            self._parts = quantize_weight(value, self.q)
-        else:
-            self._parts[name] = value
+        parts = quantize_weight(value, self.q) if name == "weight" and value.is_floating_point() else {name: value}
+        if self.q.mode == "int4" and "weight" in parts:
+            # Packed at once: in a saved checkpoint a layer's codes and scales may lie far apart (safetensors
+            # orders tensors by dtype), and holding every layer's unpacked codes meanwhile costs memory.
+            parts["weight"] = _pack_int4(parts["weight"])
+        self._parts.update(parts)
         if len(self._parts) == (2 if self.q.mode == "int8" else 3):
             self._finish(self._parts)
             self._parts = {}
@@ -250,7 +252,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight", parts["weight"].contiguous())
             self.register_buffer("scales", parts["scales"].to(self.dtype))
         else:
-            self.register_buffer("weight", _pack_int4(parts["weight"]))
+            self.register_buffer("weight", parts["weight"])
             sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1)  # [K/G, N, 2]
             dtype = torch.bfloat16 if self.weight.device.type == "cuda" else self.dtype  # CUDA tinygemm: bf16 only
             self.register_buffer("scales_and_zeros", sz.to(dtype).contiguous())
