@@ -221,6 +221,9 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
     if unexpected:
         more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise WeightsError(f"{directory}: unexpected keys for this config: {', '.join(unexpected[:5])}{more}")
+    for module in model.modules():
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
     _tie_heads(model, loaded)
     missing = [name for name in expected if name not in loaded]
     if missing:
