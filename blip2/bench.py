@@ -313,7 +313,7 @@ def write_images(directory: Path, count: int, seed: int = 0) -> list[str]:
 # The machine's ceilings and the floors they imply
 
 
-def measure_ceilings(dtype: str = "bfloat16", quick: bool = False) -> dict[str, float]:
+def measure_ceilings(dtype: str = "bfloat16", quick: bool = False, device: str = "cpu") -> dict[str, float]:
     """Memory read bandwidth (GB/s: summing a 2 GB float32 tensor) and matmul rate (GFLOP/s, 4096^3)
     in `dtype` and in float32, each the best of several tries, with torch's threads (all cores).
 
@@ -321,6 +321,8 @@ def measure_ceilings(dtype: str = "bfloat16", quick: bool = False) -> dict[str, 
     bfloat16 kernels can be slower than float32 ones, and an engine may compute in either.
     """
     def best(fn: Callable[[], object], tries: int) -> float:
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        fn = (lambda f=fn: (f(), sync()))
         fn()
         times = []
         for _ in range(tries):
@@ -329,13 +331,13 @@ def measure_ceilings(dtype: str = "bfloat16", quick: bool = False) -> dict[str, 
             times.append(time.perf_counter() - start)
         return min(times)
 
-    x = torch.ones((256 if quick else 2000) * 10**6 // 4)
+    x = torch.ones((256 if quick else 2000) * 10**6 // 4, device=device)
     bandwidth = x.nbytes / best(x.sum, 5) / 1e9
     del x
     n = 1024 if quick else 4096
     out = {"bandwidth_gbs": bandwidth}
     for name in dict.fromkeys([dtype, "float32"]):
-        a, b = (torch.randn(n, n).to(getattr(torch, name)) for _ in range(2))
+        a, b = (torch.randn(n, n, device=device).to(getattr(torch, name)) for _ in range(2))
         # a @ b and a @ b.T (what nn.Linear computes) take different kernels: the faster one counts.
         seconds = min(best(lambda: a @ b, 3), best(lambda: torch.nn.functional.linear(a, b), 3))
         out[f"matmul_gflops_{name}"] = 2 * n**3 / seconds / 1e9
@@ -458,11 +460,12 @@ class _Ours:
     quantize: str | None = None
     quantize_vision = True
 
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, dtype: str, device: str = "cpu"):
         import blip2
 
         start = time.perf_counter()
-        self.model = blip2.load(path, dtype=dtype, quantize=self.quantize, quantize_vision=self.quantize_vision)
+        self.model = blip2.load(path, dtype=dtype, device=device, quantize=self.quantize,
+                                quantize_vision=self.quantize_vision)
         self.load_s = time.perf_counter() - start
 
     def answer(self, files: list[str], prompt: str, new_tokens: int) -> list[list[int]]:
@@ -479,7 +482,7 @@ class _Ours:
 class _Transformers:
     """Blip2Processor (PIL backend, as LAVIS) + Blip2ForConditionalGeneration, as its model card uses them."""
 
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, dtype: str, device: str = "cpu"):
         import transformers
 
         transformers.logging.set_verbosity_error()
@@ -487,11 +490,13 @@ class _Transformers:
         self.dtype = getattr(torch, dtype)
         start = time.perf_counter()
         self.processor = transformers.Blip2Processor.from_pretrained(path, backend="pil")
-        self.model = transformers.Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype).eval()
+        self.device = device
+        self.model = transformers.Blip2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype).to(device).eval()
         self.load_s = time.perf_counter() - start
 
     def answer(self, files: list[str], prompt: str, new_tokens: int) -> list[list[int]]:
         inputs = self.processor(images=_open_images(files), text=[prompt] * len(files), return_tensors="pt")
+        inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -502,7 +507,8 @@ class _Transformers:
         return new.tolist()
 
     def pixels(self, file: str) -> torch.Tensor:
-        return self.processor.image_processor(_open_images([file]), return_tensors="pt")["pixel_values"].to(self.dtype)
+        pixels = self.processor.image_processor(_open_images([file]), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
 
     def encode(self, pixels: torch.Tensor) -> None:
         with torch.inference_mode():
@@ -512,7 +518,7 @@ class _Transformers:
 class _VLLM:
     """vLLM's offline LLM.generate (written to its documented API; not installed where this was written)."""
 
-    def __init__(self, path: str, dtype: str):
+    def __init__(self, path: str, dtype: str, device: str = "cpu"):
         from vllm import LLM, SamplingParams
 
         self.sampling = SamplingParams
@@ -550,7 +556,7 @@ def worker(spec_json: str) -> None:
     name, prompt, n = spec["system"], spec["prompt"], spec["new_tokens"]
     images = iter(spec["images"])
     log = lambda message: print(f"    {name}: {message}", file=sys.stderr, flush=True)  # noqa: E731
-    system = _SYSTEMS[name](spec["path"], spec["dtype"])
+    system = _SYSTEMS[name](spec["path"], spec["dtype"], spec.get("device", "cpu"))
     out = {"system": name, "load_s": system.load_s, "load_rss_gb": _status_gb("VmHWM")}
     log(f"loaded in {system.load_s:.1f} s")
     if spec["load_only"]:
@@ -570,6 +576,8 @@ def worker(spec_json: str) -> None:
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
+            if spec.get("device", "cpu").startswith("cuda"):
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         return times
 
@@ -720,7 +728,8 @@ def _agreement(runs: dict[str, list[dict]]) -> str:
     return "; ".join(notes)
 
 
-def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", compare: list[str] = ("transformers",),
+def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", device: str = "cpu",
+        compare: list[str] = ("transformers",),
         quick: bool = False, load_only: bool = False, json_path: Path | None = None) -> str:
     """The whole benchmark; returns the Markdown report (header, table, notes)."""
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -737,14 +746,14 @@ def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", com
     needed = 1 + timed + 2 * (timed + warm_up) + BATCHES[0] * warm_up + sum(BATCHES) * timed_batches
     spec = {"path": str(out_dir), "dtype": dtype, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "batches": BATCHES,
             "images": write_images(root / "images", needed), "timed": timed, "timed_batches": timed_batches,
-            "warm_up": warm_up, "load_only": load_only}
+            "warm_up": warm_up, "load_only": load_only, "device": device}
     print(f"checkpoint and {needed} images ready in {out_dir} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
 
     # --quick runs on one thread: with two, every parallel region waits for a thread the scheduler
     # gave away, and a busy CI machine makes small ops 100x slower.
     threads = 1 if quick else None
     torch.set_num_threads(threads or torch.get_num_threads())
-    ceilings = measure_ceilings(dtype, quick)
+    ceilings = measure_ceilings(dtype, quick, device)
     runs: dict[str, list[dict]] = {s: [] for s in systems}
     for i in range(repeat):
         for system in systems:  # alternate, so that drift (page cache, other load) hits all alike
@@ -753,7 +762,7 @@ def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", com
             print(f"    other processes used {runs[system][-1]['others_cpu']:.0%} of the CPU meanwhile",
                   file=sys.stderr)
     # Measured before and after the runs: a ceiling is the best the machine showed.
-    ceilings = {k: max(v, measure_ceilings(dtype, quick)[k]) for k, v in ceilings.items()}
+    ceilings = {k: max(v, measure_ceilings(dtype, quick, device)[k]) for k, v in ceilings.items()}
 
     config = json.loads((out_dir / "config.json").read_text())
     from tokenizers import Tokenizer
@@ -814,6 +823,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
             p.add_argument("--repeat", type=lambda v: max(1, int(v)), default=3,
                            help="fresh processes per system (default 3; 1 with --quick)")
             p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+            p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every system runs")
             p.add_argument("--compare", default="transformers",
                            help="comma-separated: transformers, vllm, ours-int8, ours-int4 (our engine quantized), "
                                 "ours-int8-lm, ours-int4-lm (the language model only)")
@@ -831,7 +841,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
     repeat = 1 if args.quick and "--repeat" not in (argv if argv is not None else sys.argv) else args.repeat
     try:
         print(run(args.model, root, repeat=repeat, dtype=args.dtype, compare=compare, quick=args.quick,
-                  load_only=args.command == "load", json_path=args.json))
+                  load_only=args.command == "load", json_path=args.json, device=args.device))
     except RuntimeError as e:
         print(f"blip2 bench: error: {e}", file=sys.stderr)
         return 1

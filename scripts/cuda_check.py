@@ -1,0 +1,78 @@
+"""CUDA checks for a lent GPU: our engine against transformers on the GPU, on small random checkpoints.
+
+    python scripts/cuda_check.py [--dir /tmp/cuda-check]
+
+For OPT and Flan-T5: float32 logits (relative error), greedy and 3-beam new token ids against the
+reference's `generate`, both on CUDA; then float16 (OPT) / bfloat16 (T5) and int8 / int4 weight-only
+generation running end to end on CUDA. Prints one JSON line per check; exits 1 if a parity check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import blip2  # noqa: E402
+from blip2.generation import GenerationConfig  # noqa: E402
+from checkpoints import opt_inputs, pixels, reference, rel_err, t5_inputs, tiny_config, write_checkpoint  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/cuda-check"))
+    args = parser.parse_args()
+    ok = True
+    for lm in ("opt", "t5"):
+        # widths the int4 kernel takes (multiples of 128 in, 16 out)
+        text = dict(hidden_size=128, ffn_dim=256, num_attention_heads=4) if lm == "opt" else \
+            dict(d_model=128, d_kv=32, num_heads=4, d_ff=256, num_decoder_layers=2)
+        cfg = tiny_config(lm, **text)
+        cfg["vision_config"].update(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+        path = write_checkpoint(args.dir / lm, cfg, seed=3)
+        ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7, 8], [9, 10]])
+        px = pixels(2, 28)
+        ref = reference(path).cuda()
+        ours = blip2.load(path, device="cuda")
+        dec = None if lm == "opt" else torch.tensor([[0, 4, 5], [0, 6, 7]])
+        with torch.inference_mode():
+            r = ref(pixel_values=px.cuda(), input_ids=ids.cuda(), attention_mask=mask.cuda(),
+                    decoder_input_ids=None if dec is None else dec.cuda()).logits
+        o = ours.forward(px, ids, mask, dec)
+        err = rel_err(o, r)
+        results = {"check": f"{lm} float32 logits on cuda", "relative_error": err, "ok": err < 1e-4}
+        print(json.dumps(results), flush=True)
+        ok &= results["ok"]
+        for beams in (1, 3):
+            with torch.inference_mode():
+                out = ref.generate(pixel_values=px.cuda(), input_ids=ids.cuda(), attention_mask=mask.cuda(),
+                                   num_beams=beams, do_sample=False, max_new_tokens=8, min_new_tokens=8)
+            new = out[:, ids.shape[1]:] if lm == "opt" else out[:, 1:]
+            with torch.inference_mode():
+                mine = ours.model.generate(ours.encode_images(px), ids.cuda(), mask.cuda(),
+                                           GenerationConfig(num_beams=beams, max_new_tokens=8, min_new_tokens=8))
+            same = [h[0].token_ids for h in mine] == new.tolist()
+            print(json.dumps({"check": f"{lm} {beams}-beam token ids on cuda", "ok": same}), flush=True)
+            ok &= same
+        half = "float16" if lm == "opt" else "bfloat16"
+        for quantize in (None, "int8", "int4"):
+            try:
+                m = blip2.load(path, dtype=half, device="cuda", quantize=quantize)
+                with torch.inference_mode():
+                    res = m.model.generate(m.encode_images(px), ids.cuda(), mask.cuda(), GenerationConfig(max_new_tokens=8))
+                print(json.dumps({"check": f"{lm} {half} {quantize or 'unquantized'} generate on cuda",
+                                  "tokens": [h[0].token_ids for h in res], "ok": True}), flush=True)
+            except Exception as e:  # report and go on: these paths had never run on a GPU
+                print(json.dumps({"check": f"{lm} {half} {quantize} generate on cuda", "ok": False,
+                                  "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
+                ok = False
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
