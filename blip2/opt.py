@@ -147,7 +147,13 @@ class OPTSession:
         self.valid = torch.zeros(b, max_len, dtype=torch.bool, device=embeds.device)
         self.valid[:, :n] = attention_mask.bool()
         self.next_pos = attention_mask.long().sum(1)  # positions count real tokens only
-        self.t = n
+        self.slot = torch.full((1,), n, dtype=torch.long, device=embeds.device)  # the next cache slot
+        # On CUDA, decoding steps after the first replay one captured CUDA graph: a step is hundreds of
+        # small kernels, whose launches from Python cost more than their work. Every tensor a step
+        # touches stays in place (slot, positions, mask and cache are updated, never replaced).
+        self.graphed = embeds.device.type == "cuda"
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._steps = 0
 
     def prefill(self) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the token after each input."""
@@ -165,15 +171,27 @@ class OPTSession:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [rows]; logits [rows, vocab] (float32) for the next."""
-        self.valid[:, self.t] = True
-        slot = torch.tensor([self.t], device=tokens.device)
+        self._steps += 1
+        if not self.graphed or self._steps == 1:  # the first step also warms up what a capture needs
+            return self._step(tokens)
+        if self._graph is None:
+            self._tokens = tokens.clone()
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):  # records the step without running it
+                self._logits = self._step(self._tokens)
+        self._tokens.copy_(tokens)
+        self._graph.replay()
+        return self._logits.clone()
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.valid.index_fill_(1, self.slot, True)
         hidden = self.lm(self.lm.embed(tokens)[:, None], self.next_pos[:, None], self.valid[:, None, None, :],
-                         self.cache, slot)
+                         self.cache, self.slot)
         self.next_pos += 1
-        self.t += 1
+        self.slot += 1
         return self.lm.lm_head(hidden[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache.reorder(rows)
-        self.valid = self.valid[rows]
+        self.valid.copy_(self.valid[rows])
 
