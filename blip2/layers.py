@@ -129,3 +129,31 @@ def pack_linears(module: nn.Module, wanted: Callable[[str], bool], prefix: str =
             setattr(module, name, PackedLinear(child.in_features, child.out_features, child.bias is not None))
         else:
             pack_linears(child, wanted, full + ".")
+
+
+class GraphedSteps:
+    """Base of the decoding sessions: step() runs _step() eagerly at first; on CUDA, from the second
+    step on, it replays one captured CUDA graph of _step(). A step is hundreds of small kernels, whose
+    launches from Python cost more than their work on a GPU. _step() must keep every tensor it touches
+    in place (update the slot, positions, masks and caches, never replace them)."""
+
+    _graph = None
+    _steps = 0
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [rows]; logits [rows, vocab] (float32) for the next."""
+        self._steps += 1
+        if tokens.device.type != "cuda" or self._steps == 1:  # the first step warms up what a capture needs
+            return self._step(tokens)
+        if self._graph is None:
+            self._tokens = tokens.clone()
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):  # records the step without running it
+                self._logits = self._step(self._tokens)
+        self._tokens.copy_(tokens)
+        self._graph.replay()
+        return self._logits.clone()
+

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
-from .layers import ACT, KVCache
+from .layers import ACT, GraphedSteps, KVCache
 
 # OPT's learned position table has two extra rows in front (a fairseq legacy); position p reads row p + 2.
 POSITION_OFFSET = 2
@@ -129,7 +129,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) * attention_mask.long() - 1)
 
 
-class OPTSession:
+class OPTSession(GraphedSteps):
     """Incremental decoding of a batch: prefill once per input, then one token per row per step.
 
     Rows are the inputs repeated `copies` times each (beams or samples), sharing the prefill.
@@ -148,12 +148,6 @@ class OPTSession:
         self.valid[:, :n] = attention_mask.bool()
         self.next_pos = attention_mask.long().sum(1)  # positions count real tokens only
         self.slot = torch.full((1,), n, dtype=torch.long, device=embeds.device)  # the next cache slot
-        # On CUDA, decoding steps after the first replay one captured CUDA graph: a step is hundreds of
-        # small kernels, whose launches from Python cost more than their work. Every tensor a step
-        # touches stays in place (slot, positions, mask and cache are updated, never replaced).
-        self.graphed = embeds.device.type == "cuda"
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._steps = 0
 
     def prefill(self) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the token after each input."""
@@ -168,20 +162,6 @@ class OPTSession:
             self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
         self.embeds = self.mask = None
         return self.lm.lm_head(hidden[:, -1]).float().repeat_interleave(self.copies, 0)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row [rows]; logits [rows, vocab] (float32) for the next."""
-        self._steps += 1
-        if not self.graphed or self._steps == 1:  # the first step also warms up what a capture needs
-            return self._step(tokens)
-        if self._graph is None:
-            self._tokens = tokens.clone()
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):  # records the step without running it
-                self._logits = self._step(self._tokens)
-        self._tokens.copy_(tokens)
-        self._graph.replay()
-        return self._logits.clone()
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.valid.index_fill_(1, self.slot, True)

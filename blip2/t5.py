@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config
-from .layers import ACT, KVCache
+from .layers import ACT, GraphedSteps, KVCache
 
 
 class T5LayerNorm(nn.Module):
@@ -204,14 +204,15 @@ class T5ForConditionalGeneration(nn.Module):
         return cache
 
     def decode(self, decoder_input_ids: torch.Tensor, cross: KVCache, encoder_mask: torch.Tensor,
-               cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+               cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
         """Decoder hidden states for decoder_input_ids [B, T] at positions start..start+T-1, ready for lm_head.
 
-        Without a cache, the ids are the whole decoder prefix; with one, earlier positions are read from it.
+        Without a cache, the ids are the whole decoder prefix; with one, earlier positions are read from
+        it. `start` may be a one-element tensor (a decoding step of one token, captured in a CUDA graph).
         """
         x = self.shared(decoder_input_ids)
         t = x.shape[1]
-        qpos = torch.arange(start, start + t, device=x.device)
+        qpos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + t, device=x.device)
         kpos = torch.arange(cache.max_len if cache is not None else t, device=x.device)
         self_bias = self.decoder.bias(qpos, kpos, (kpos[None, :] <= qpos[:, None])[None, None], x.dtype)
         cross_bias = torch.zeros_like(encoder_mask[:, None, None, :], dtype=x.dtype).masked_fill(
@@ -231,7 +232,7 @@ class T5ForConditionalGeneration(nn.Module):
         return KVCache(cfg.num_decoder_layers, batch, cfg.num_heads, max_len, cfg.d_kv, dtype, device)
 
 
-class T5Session:
+class T5Session(GraphedSteps):
     """Incremental decoding: encode each input once, then one decoder token per row per step.
 
     Rows are the inputs repeated `copies` times each (beams or samples). Beam reordering only
@@ -245,16 +246,16 @@ class T5Session:
         self.cross = lm.cross_kv(lm.encode(embeds, attention_mask)).select(rows)
         self.encoder_mask = attention_mask[rows]
         self.cache = lm.new_cache(len(rows), max_new_tokens + 1, embeds.dtype, embeds.device)
-        self.t = 0
+        self.slot = torch.zeros(1, dtype=torch.long, device=embeds.device)  # the next decoder position
 
     def prefill(self) -> torch.Tensor:
         start = torch.full((self.encoder_mask.shape[0],), self.lm.config.decoder_start_token_id,
                            dtype=torch.long, device=self.encoder_mask.device)
         return self.step(start)
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.decode(tokens[:, None], self.cross, self.encoder_mask, self.cache, self.t)
-        self.t += 1
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.decode(tokens[:, None], self.cross, self.encoder_mask, self.cache, self.slot)
+        self.slot += 1
         return self.lm.lm_head(hidden[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
