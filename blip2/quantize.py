@@ -192,7 +192,7 @@ def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
 # From this many rows on, int8 on CPU widens the weight and runs the float GEMM (see QuantizedLinear.forward).
 _GEMM_ROWS = 32
 _SCRATCH_ELEMENTS = 1 << 25  # 64 MB in bfloat16: the largest OPT-2.7b layer (fc1, 26 M) at once, the head in 4 parts
-_SCRATCH: dict[tuple, torch.Tensor] = {}
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
 
 
 def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
@@ -284,8 +284,6 @@ class QuantizedLinear(nn.Module):
     def _widened_linear(self, x: torch.Tensor) -> torch.Tensor:
         """int8 weight widened to the activations' dtype, _SCRATCH_ELEMENTS at a time, through F.linear."""
         rows = max(1, _SCRATCH_ELEMENTS // self.in_features)
-        if rows >= self.out_features:
-            return F.linear(x, _scratch(self.weight.shape, self.dtype).copy_(self.weight)) * self.scales
         out = torch.empty(x.shape[0], self.out_features, dtype=self.dtype, device=x.device)
         for r in range(0, self.out_features, rows):
             w = self.weight[r:r + rows]

@@ -142,7 +142,6 @@ _ALIASES = {  # tied copies of the T5 embedding
     "language_model.encoder.embed_tokens.weight": "language_model.shared.weight",
     "language_model.decoder.embed_tokens.weight": "language_model.shared.weight",
 }
-
 _IGNORED = ("language_model.decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 

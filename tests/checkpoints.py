@@ -198,3 +198,29 @@ def legacy_copy(src: Path, dst: Path, lm: str) -> Path:
     raw.pop("image_token_id", None)
     (dst / "config.json").write_text(json.dumps(raw, indent=2))
     return dst
+
+
+_LOAD_MEMORY = """
+import json, sys, blip2
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+kwargs = json.loads(sys.argv[3])
+blip2.load(sys.argv[2], **kwargs)  # first load pays fixed costs (lazy imports, allocator setup)
+before = status("VmRSS")
+model = blip2.load(sys.argv[1], **kwargs)
+print(json.dumps({"before": before, "peak": status("VmHWM"), "after": status("VmRSS")}))
+"""
+
+
+def load_memory(path: Path, warm: Path, **load_kwargs) -> dict[str, int]:
+    """Resident memory in bytes, in a fresh process, of blip2.load(path, **load_kwargs) after loading
+    `warm` the same way: "before" and "after" the load (VmRSS) and the process's "peak" (VmHWM)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _LOAD_MEMORY, str(path), str(warm), json.dumps(load_kwargs)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+

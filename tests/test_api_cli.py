@@ -83,12 +83,18 @@ def test_caption_ask_chat_shapes_and_defaults(ckpt):
     assert len(many) == 1 and len(many[0]) == 2 and many[0][0].score >= many[0][1].score
 
 
-def test_same_image_is_encoded_once(ckpt, monkeypatch):
-    _, _, _, model = ckpt
+def _count_encodes(model, monkeypatch) -> list[int]:
+    """Empty the model's query cache and record the batch size of every encode_images call from now on."""
     model._queries.clear()
     calls = []
     original = model.encode_images
     monkeypatch.setattr(model, "encode_images", lambda px: calls.append(len(px)) or original(px))
+    return calls
+
+
+def test_same_image_is_encoded_once(ckpt, monkeypatch):
+    _, _, _, model = ckpt
+    calls = _count_encodes(model, monkeypatch)
     img = _images(1)[0]
     model.ask(img, ["one?", "two?", "three?"])
     model.chat(img, [{"role": "user", "content": "hi"}])
@@ -97,10 +103,8 @@ def test_same_image_is_encoded_once(ckpt, monkeypatch):
 
 def test_new_images_are_encoded_together_in_batches(ckpt, monkeypatch):
     _, _, _, model = ckpt
-    model._queries.clear()
-    calls = []
     original = model.encode_images
-    monkeypatch.setattr(model, "encode_images", lambda px: calls.append(len(px)) or original(px))
+    calls = _count_encodes(model, monkeypatch)
     monkeypatch.setattr(blip2.api, "ENCODE_BATCH", 2)
     images = _images(3)
     px = model.pixel_values([images[0], images[1], images[0], images[2]])

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import pytest
 
-from checkpoints import tiny_config, write_checkpoint
+from checkpoints import load_memory, tiny_config, write_checkpoint
 
 MiB = 2**20
-
-PROBE = """
-import json, sys, torch, blip2
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-blip2.load(sys.argv[2], dtype="bfloat16")  # first load pays fixed costs (lazy imports, allocator setup)
-before = status("VmRSS")
-model = blip2.load(sys.argv[1], dtype="bfloat16")
-print(json.dumps({"before": before, "peak": status("VmHWM"), "after": status("VmRSS")}))
-"""
-
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_bfloat16_load_peak_is_bfloat16_model_plus_one_tensor(tmp_path):
@@ -32,9 +17,7 @@ def test_bfloat16_load_peak_is_bfloat16_model_plus_one_tensor(tmp_path):
                       num_attention_heads=8)
     path = write_checkpoint(tmp_path / "big", cfg, fmt="sharded", seed=0)
     tiny = write_checkpoint(tmp_path / "tiny", tiny_config("opt"), seed=0)
-    out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(tiny)], capture_output=True, text=True,
-                         check=True)
-    m = json.loads(out.stdout)
+    m = load_memory(path, tiny, dtype="bfloat16")
     params = sum(v for v in _sizes(path).values())
     bf16 = params * 2
     largest_fp32 = max(_sizes(path).values()) * 4

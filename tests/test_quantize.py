@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import blip2
 import blip2.api
 from blip2.cli import main
 from blip2.quantize import QuantizedEmbedding, QuantizedLinear, Quantization, dequantize_weight, quantize_weight, unfit
-from checkpoints import full_checkpoint, opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
+from checkpoints import full_checkpoint, load_memory, opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 MiB = 2**20
 
@@ -228,28 +227,13 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert blip2.api.parse_dtype("auto", "cpu") == auto(torch.device("cpu"))
 
 
-PROBE = """
-import json, sys, blip2
-def status(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-blip2.load(sys.argv[2], quantize="int4")  # first load pays fixed costs (lazy imports, allocator setup)
-before = status("VmRSS")
-model = blip2.load(sys.argv[1], quantize="int4")
-print(json.dumps({"before": before, "peak": status("VmHWM"), "after": status("VmRSS")}))
-"""
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_int4_load_never_holds_a_float_model(tmp_path):
     # ~19 M parameters, 17 M of them in quantized layers: 76 MiB in float32, ~12 MiB once quantized.
     cfg = tiny_config("opt", vocab_size=2048, hidden_size=1024, num_hidden_layers=2, ffn_dim=2048,
                       num_attention_heads=8)
     path, warm = _random_checkpoint(tmp_path / "big", cfg), _random_checkpoint(tmp_path / "warm", quant_config("opt"))
-    out = subprocess.run([sys.executable, "-c", PROBE, str(path), str(warm)], capture_output=True, text=True,
-                         check=True)
-    m = json.loads(out.stdout)
+    m = load_memory(path, warm, quantize="int4")
     grown, final = m["peak"] - m["before"], m["after"] - m["before"]
     largest_fp32 = 2048 * 1024 * 4
     assert final < 16 * MiB, final / MiB
