@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
-from .layers import ACT, GraphedSteps, KVCache
+from .layers import ACT, GraphedSteps, KVCache, embedding
 
 # OPT's learned position table has two extra rows in front (a fairseq legacy); position p reads row p + 2.
 POSITION_OFFSET = 2
@@ -63,8 +63,8 @@ class OPTLayer(nn.Module):
 class OPTDecoder(nn.Module):
     def __init__(self, cfg: OPTConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.word_embed_proj_dim)
+        self.embed_positions = embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
         if cfg.word_embed_proj_dim != cfg.hidden_size:
             self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False)
             self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config
-from .layers import ACT, GraphedSteps, KVCache
+from .layers import ACT, GraphedSteps, KVCache, embedding
 
 
 class T5LayerNorm(nn.Module):
@@ -59,7 +59,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if relative_bias:
-            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+            self.relative_attention_bias = embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
             self.bidirectional = bidirectional
             self.num_buckets = cfg.relative_attention_num_buckets
             self.max_distance = cfg.relative_attention_max_distance
@@ -171,7 +171,7 @@ class T5ForConditionalGeneration(nn.Module):
     def __init__(self, cfg: T5Config):
         super().__init__()
         self.config = cfg
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.shared = embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, decoder=False)
         self.decoder = T5Stack(cfg, decoder=True)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
