@@ -70,10 +70,16 @@ class KVCache:
         new.k, new.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
         return new
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep batch rows `rows` (beam search), in place."""
-        self.k.copy_(self.k.index_select(1, rows))
-        self.v.copy_(self.v.index_select(1, rows))
+    def reorder(self, rows: torch.Tensor, start: int, end: int) -> None:
+        """Keep batch rows `rows` (beam search), in place: only the rows that take another row's
+        history, and only positions [start, end): those written since the beams split (their shared
+        prompt is the same in every beam) and before the next step. Copying the whole cache cost
+        more than a fifth of a 5-beam OPT-2.7b decoding step on CPU."""
+        moved = torch.nonzero(rows != torch.arange(len(rows), device=rows.device)).squeeze(1)
+        if len(moved) and end > start:
+            for t in (self.k, self.v):
+                written = t.narrow(3, start, end - start)
+                written.index_copy_(1, moved, written.index_select(1, rows[moved]))
 
 
 # The row count oneDNN lays the weight out for. Measured on full-size OPT (bfloat16, AMX): 8 decodes

@@ -148,6 +148,7 @@ class OPTSession(GraphedSteps):
         self.valid[:, :n] = attention_mask.bool()
         self.next_pos = attention_mask.long().sum(1)  # positions count real tokens only
         self.slot = torch.full((1,), n, dtype=torch.long, device=embeds.device)  # the next cache slot
+        self.prompt_slots = n
 
     def prefill(self) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the token after each input."""
@@ -172,6 +173,6 @@ class OPTSession(GraphedSteps):
         return self.lm.lm_head(hidden[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.cache.reorder(rows)
-        self.valid.copy_(self.valid[rows])
+        # Beams only take rows of their own input, whose prompt cache and `valid` rows are the same.
+        self.cache.reorder(rows, self.prompt_slots, int(self.slot))
 

@@ -259,4 +259,4 @@ class T5Session(GraphedSteps):
         return self.lm.lm_head(hidden[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
-        self.cache.reorder(rows)
+        self.cache.reorder(rows, 0, int(self.slot))
