@@ -14,6 +14,8 @@ files of a checkpoint directory, with these deliberate differences:
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import io
 import json
 import os
@@ -215,7 +217,16 @@ class ImageProcessor:
         batch = list(images) if is_batch else [images]
         if not batch:
             raise ValueError("no images given")
-        return torch.stack([self.preprocess(load_image(image)) for image in batch])
+        if len(batch) == 1:
+            return self.preprocess(load_image(batch[0]))[None]
+        # PIL decodes and resizes without the GIL: a batch spreads over the cores (the first failing
+        # image's ImageError is raised, as in a loop).
+        return torch.stack(list(_pool().map(lambda image: self.preprocess(load_image(image)), batch)))
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="blip2-images")
 
 
 class TokenBatch(NamedTuple):

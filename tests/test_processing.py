@@ -444,3 +444,16 @@ def test_image_processor_rejects_settings_it_does_not_implement(tmp_path: Path) 
     BlipImageProcessorPil(do_normalize=False).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="do_normalize"):
         ImageProcessor.from_dir(tmp_path)
+
+
+def test_batch_is_decoded_in_parallel_in_order_and_names_a_bad_image(tmp_path: Path) -> None:
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.png")
+        _rng_image(40 + i, 50, seed=i).save(paths[-1])
+    processor = ImageProcessor(size=32)
+    batch = processor(paths)
+    assert torch.equal(batch, torch.stack([processor.preprocess(load_image(p)) for p in paths]))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="bad.png"):
+        processor(paths[:5] + [tmp_path / "bad.png"] + paths[5:])
