@@ -435,12 +435,12 @@ def floors(w: dict[str, float], ceilings: dict[str, float], dtype_bytes: int, ne
 # One system in one fresh process (runs in the child)
 
 
-def _status_gb(field: str) -> float:
-    """A /proc/self/status memory figure (VmHWM: peak resident set) in GB of 1e9 bytes."""
+def status_bytes(field: str) -> int:
+    """A /proc/self/status memory figure (VmRSS: resident set, VmHWM: its peak) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024 / 1e9
+                return int(line.split()[1]) * 1024
     raise KeyError(field)
 
 
@@ -557,7 +557,7 @@ def worker(spec_json: str) -> None:
     images = iter(spec["images"])
     log = lambda message: print(f"    {name}: {message}", file=sys.stderr, flush=True)  # noqa: E731
     system = _SYSTEMS[name](spec["path"], spec["dtype"], spec.get("device", "cpu"))
-    out = {"system": name, "load_s": system.load_s, "load_rss_gb": _status_gb("VmHWM")}
+    out = {"system": name, "load_s": system.load_s, "load_rss_gb": status_bytes("VmHWM") / 1e9}
     log(f"loaded in {system.load_s:.1f} s")
     if spec["load_only"]:
         print(json.dumps(out))
@@ -595,7 +595,7 @@ def worker(spec_json: str) -> None:
     for b in spec["batches"]:  # one warm-up for all batch sizes: a call of 32 images takes minutes
         out[f"b{b}_s"] = timed(lambda: answer(b, n), spec["timed_batches"], spec["warm_up"] and b == spec["batches"][0])
         log(f"batch {b}: {b / statistics.median(out[f'b{b}_s']):.2f} images/s")
-    out["peak_rss_gb"] = _status_gb("VmHWM")
+    out["peak_rss_gb"] = status_bytes("VmHWM") / 1e9
     print(json.dumps(out))
 
 

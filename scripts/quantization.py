@@ -23,17 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from blip2.bench import status_bytes
+
 GiB = 2**30
 POSITIONS = 256
-
-
-def status_bytes(field: str) -> int:
-    """A /proc/self/status memory field (VmRSS, VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def teacher_forced_inputs(config, positions: int = POSITIONS, seed: int = 0):
