@@ -21,6 +21,7 @@ A quantized checkpoint stores a portable form, the same on every device; the ker
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -166,9 +167,14 @@ def dequantize_weight(parts: dict[str, torch.Tensor], q: Quantization) -> torch.
     return ((codes.view(n, -1, q.group_size) - 8) * s[..., None] + z[..., None]).view(n, k)
 
 
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Portable uint8 [N, K/2] -> uint8 codes [N, K]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] -> int32 codes [N, K]."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int32)
+    """Portable uint8 [N, K/2] -> int32 codes [N, K]."""
+    return _nibbles(packed).to(torch.int32)
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -181,13 +187,48 @@ def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
         # The CUDA op takes uint8 [N, K/2] with the even column in the high nibble.
         swapped = (packed << 4) | (packed >> 4)
         return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(packed.shape[1] * 2))
-    # The CPU op takes int32 codes [N, K]; its layout is independent across blocks of 64 rows and the
-    # last N % 64 rows, so large weights are packed in slices to keep the int32 temporary small.
+    # The layout is independent across blocks of 64 rows and the last N % 64 rows: large weights are
+    # packed in slices, to keep temporaries small.
     n = packed.shape[0]
     full = n // 64 * 64
     bounds = [*range(0, full, _ROWS), full] + ([n] if n > full else [])
-    return torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed[a:b]), 1)
-                      for a, b in zip(bounds, bounds[1:]) if b > a])
+    out = torch.empty_like(packed)
+    for a, b in zip(bounds, bounds[1:]):
+        if b > a and cpu_int4_layout_known():
+            out[a:b] = _cpu_int4_layout(_nibbles(packed[a:b]))
+        elif b > a:  # torch's op: the same bytes, 4x slower (it takes int32 codes)
+            out[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed[a:b]), 1)
+    return out
+
+
+def _cpu_int4_layout(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] to the CPU int4 kernel's layout, uint8 [N, K/2]: blocks of 64 rows as [K, 32]
+    bytes, row d of a block in the low nibble of byte d and row 32 + d in the high one; the last
+    N % 64 rows as [K, (N % 64) / 2] bytes, row 2j in the low nibble of byte j and row 2j + 1 in the
+    high one. The bytes aten._convert_weight_to_int4pack_for_cpu makes (cpu_int4_layout_known)."""
+    n, k = codes.shape
+    full = n // 64 * 64
+    out = torch.empty(n, k // 2, dtype=torch.uint8, device=codes.device)
+    if full:
+        c = codes[:full].view(full // 64, 2, 32, k)
+        out[:full].view(full // 64, k, 32).copy_((c[:, 0] | (c[:, 1] << 4)).transpose(1, 2))
+    if n > full:
+        c = codes[full:].view((n - full) // 2, 2, k)
+        out[full:].view(k, (n - full) // 2).copy_((c[:, 0] | (c[:, 1] << 4)).t())
+    return out
+
+
+@functools.cache
+def cpu_int4_layout_known() -> bool:
+    """Whether this torch's CPU int4 layout is the one _cpu_int4_layout writes and
+    _dequantize_cpu_int4_t reads (checked once on a small weight with a tail; if a torch release
+    changes it, packing falls back to torch's op and int4 products to the kernel)."""
+    codes = torch.randint(0, 16, (96, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    try:
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    except (RuntimeError, AttributeError):
+        return False
+    return theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(codes))
 
 
 def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
@@ -288,7 +329,8 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.dtype)
         cpu = x.device.type == "cpu"
-        if cpu and x.shape[0] >= _GEMM_ROWS[self.q.mode] and (self.q.mode == "int8" or self.out_features % 64 == 0):
+        if cpu and x.shape[0] >= _GEMM_ROWS[self.q.mode] and (
+                self.q.mode == "int8" or self.out_features % 64 == 0 and cpu_int4_layout_known()):
             # The CPU kernels work row by row: for many rows (image patches, a prompt) the weight
             # widened to the activations' dtype through the float GEMM is faster (int8 up to 6x, int4
             # on the vision encoder 2.5x).
