@@ -234,10 +234,11 @@ def cpu_int4_layout_known() -> bool:
 def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                            out: torch.Tensor) -> torch.Tensor:
     """Rows of a weight in the CPU int4 kernel's layout, transposed, into `out` [K, R]: (q - 8) * s + z
-    as the kernel computes it (in float32, rounded once to out's dtype). The rows (a multiple of 64)
+    as the kernel computes it, rounded to out's dtype. The rows (a multiple of 64)
     are uint8 [R, K/2], stored as R/64 blocks of [K, 32] bytes, row d of a block in the low nibble of
     byte d and row 32 + d in the high one; their scales and zeros are [K/G, R, 2]. Transposed, each
-    group's scale multiplies a contiguous run of R values, which vectorises (2.3x faster)."""
+    group's scale multiplies a contiguous run of R values, which vectorises (3x faster than
+    dequantizing rows)."""
     k, r = out.shape
     blocks = packed.view(r // 64, k, 32)
     out.view(k, r // 64, 2, 32).copy_(torch.stack([blocks & 15, blocks >> 4], 2).transpose(0, 1))
@@ -251,12 +252,12 @@ def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
 
 
 # From this many rows on, CPU products widen the weight and run the float GEMM (see
-# QuantizedLinear.forward): the kernels' cost grows with the rows, widening's with the weight (int4
-# dequantizes at ~1.3 ns per weight on 2 cores, so it pays later).
+# QuantizedLinear.forward): the kernels' cost grows with the rows, widening's with the weight (int4's
+# dequantization costs about what its kernel does on 64-128 rows, measured on 2 cores).
 _GEMM_ROWS = {"int8": 32, "int4": 128}
 # Weight elements widened at a time. int8: 64 MB in bfloat16, the largest OPT-2.7b layer (fc1, 26 M)
-# at once, the head in 4 parts. int4: its float32 dequantization is better kept small (2.5x faster
-# than 32 M on the vision encoder's layers, measured).
+# at once, the head in 4 parts. int4: 2 M, so the dequantization's temporaries stay small (at 257
+# rows 2.5-3x faster than the kernel on the vision encoder's layers, measured).
 _WIDEN_ELEMENTS = {"int8": 1 << 25, "int4": 1 << 21}
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
 
