@@ -289,3 +289,13 @@ def test_int4_packing_writes_the_bytes_torchs_op_writes(rows, monkeypatch):
     assert torch.equal(quantize._pack_int4(portable), theirs)
     monkeypatch.setattr(quantize, "cpu_int4_layout_known", lambda: False)
     assert torch.equal(quantize._pack_int4(portable), theirs)
+
+
+def test_quantizing_a_pytorch_bin_checkpoint_equals_safetensors(ckpt_root):
+    # Quantized layers read their float weight a block of rows at a time from either format.
+    cfg = quant_config("opt")
+    paths = {fmt: write_checkpoint(ckpt_root / f"quant-fmt-{fmt}", cfg, fmt=fmt, seed=5) for fmt in ("safetensors", "bin")}
+    ids, mask = opt_inputs(cfg, [[5, 6, 7], [8]])
+    out = {fmt: blip2.load(path, dtype="bfloat16", quantize="int4").forward(pixels(2, 28), ids, mask)
+           for fmt, path in paths.items()}
+    assert torch.equal(out["safetensors"], out["bin"])
