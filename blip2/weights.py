@@ -93,8 +93,8 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
         if math.prod(info["shape"]) * stored.itemsize != end - start:
             raise WeightsError(f"{path}: {key} has {end - start} bytes for shape {info['shape']}")
 
-        def read(dtype: torch.dtype | None, rows: tuple[int, int] | None = None, key=key, shape=info["shape"],
-                 stored=stored, start=start, end=end):
+        def read(dtype: torch.dtype | None, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+                 key=key, shape=info["shape"], stored=stored, start=start, end=end):
             dtype = dtype or stored
             if dtype.is_floating_point and not stored.is_floating_point:
                 # Quantized weights read as floats would be garbage, not an error further on.
@@ -105,8 +105,9 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
                 start, end, shape = start + rows[0] * row_bytes, start + rows[1] * row_bytes, [rows[1] - rows[0], *shape[1:]]
             with open(path, "rb", buffering=0) as f:
                 if dtype != stored and end > start:
-                    return _mapped(f, base + start, end - start, stored).view(shape).to(dtype)
-                t = torch.empty(shape, dtype=stored)
+                    mapped = _mapped(f, base + start, end - start, stored).view(shape)
+                    return mapped.to(dtype) if out is None else out.copy_(mapped)
+                t = torch.empty(shape, dtype=stored) if out is None else out
                 f.seek(base + start)
                 got = f.readinto(t.view(-1).view(torch.uint8).numpy()) if t.numel() else 0
             if got != end - start:
@@ -122,21 +123,26 @@ def read_bin(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     except Exception as e:  # torch raises many types for corrupt zip/pickle files
         raise WeightsError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
     for key, t in state.items():
-        yield key, tuple(t.shape), lambda dtype, rows=None, t=t: (t if rows is None else t[rows[0]:rows[1]]).to(
-            dtype or t.dtype, copy=True)
+        def read(dtype, rows=None, out=None, t=t):
+            part = t if rows is None else t[rows[0]:rows[1]]
+            return part.to(dtype or t.dtype, copy=True) if out is None else out.copy_(part)
+
+        yield key, tuple(t.shape), read
 
 
 class Rows:
-    """A stored 2-D tensor handed over a block of rows at a time (`rows[a:b]`), for modules that
-    convert as they load (quantized layers): the float32 token embedding alone is 0.5 GB, which would
-    otherwise be resident whole, if only for a moment."""
+    """A stored 2-D tensor handed over a block of rows at a time, for modules that convert as they load
+    (quantized layers): the float32 token embedding alone is 0.5 GB, which would otherwise be resident
+    whole, if only for a moment."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device, read: Callable):
         self.shape, self.dtype, self.device, self._read = torch.Size(shape), dtype, device, read
 
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        a, b, _ = rows.indices(self.shape[0])
-        return self._read(self.dtype, rows=(a, b)).to(self.device)
+    def read_into(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [a, b) into `out` (contiguous, of self.dtype), which is returned."""
+        if out.device.type != "cpu":
+            return out.copy_(self._read(self.dtype, rows=(a, b)))
+        return self._read(self.dtype, rows=(a, b), out=out)
 
 
 def read_checkpoint(directory: Path) -> Iterator[tuple[str, tuple, Callable, Path]]:
