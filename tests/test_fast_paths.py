@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import blip2
-from blip2.layers import PackedLinear, can_pack
+from blip2.layers import KVCache, PackedLinear, can_pack
 from checkpoints import opt_inputs, pixels, t5_inputs, tiny_config, write_checkpoint
 
-pytestmark = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
+needs_onednn = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
 
 
+@needs_onednn
 @pytest.mark.parametrize("lm", ["opt", "t5"])
 def test_packed_linears_equal_plain_linears(lm, ckpt_root, monkeypatch):
     cfg = tiny_config(lm, num_decoder_layers=2) if lm == "t5" else tiny_config(lm)
@@ -33,3 +34,23 @@ def test_packed_linears_equal_plain_linears(lm, ckpt_root, monkeypatch):
         a = packed.model.generate(q, ids, mask, gen)
         b = plain.model.generate(plain.model.encode_images(px), ids, mask, gen)
     assert [s.token_ids for r in a for s in r] == [s.token_ids for r in b for s in r]
+
+
+def test_beam_reorder_copies_what_a_whole_cache_reorder_would():
+    # Beams of two inputs (rows 0-2 and 3-5) after 4 prompt slots and 3 generated ones: only the
+    # generated positions of rows that take another row's history are copied, and the result over
+    # every position written so far equals reordering the whole cache.
+    cache = KVCache(2, 6, 3, 10, 4, torch.float32, "cpu")
+    cache.k[:, :, :, :4] = torch.randn(2, 2, 1, 3, 4, 4).expand(2, 2, 3, 3, 4, 4).reshape(2, 6, 3, 4, 4)  # shared prompt
+    cache.k[:, :, :, 4:7] = torch.randn(2, 6, 3, 3, 4)
+    cache.v.copy_(torch.randn_like(cache.v))
+    cache.v[:, :, :, :4] = cache.v[:, [0, 0, 0, 3, 3, 3], :, :4]
+    rows = torch.tensor([0, 0, 1, 5, 3, 4])
+    expected_k, expected_v = cache.k[:, rows, :, :7].clone(), cache.v[:, rows, :, :7].clone()
+    beyond_k = cache.k[:, :, :, 7:].clone()
+    cache.reorder(rows, 4, 7)
+    assert torch.equal(cache.k[:, :, :, :7], expected_k) and torch.equal(cache.v[:, :, :, :7], expected_v)
+    assert torch.equal(cache.k[:, :, :, 7:], beyond_k)  # not yet written: left alone
+    unchanged = cache.k.clone()
+    cache.reorder(torch.arange(6), 4, 7)  # nothing moves
+    assert torch.equal(cache.k, unchanged)
