@@ -192,14 +192,9 @@ def dequantize_weight(parts: dict[str, torch.Tensor], q: Quantization) -> torch.
     return ((codes.view(n, -1, q.group_size) - 8) * s[..., None] + z[..., None]).view(n, k)
 
 
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Portable uint8 [N, K/2] -> uint8 codes [N, K]."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
-
-
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Portable uint8 [N, K/2] -> int32 codes [N, K]."""
-    return _nibbles(packed).to(torch.int32)
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int32)
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -220,26 +215,35 @@ def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(packed)
     for a, b in zip(bounds, bounds[1:]):
         if b > a and cpu_int4_layout_known():
-            out[a:b] = _cpu_int4_layout(_nibbles(packed[a:b]))
+            out[a:b] = _cpu_int4_layout(packed[a:b])
         elif b > a:  # torch's op: the same bytes, 4x slower (it takes int32 codes)
             out[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed[a:b]), 1)
     return out
 
 
-def _cpu_int4_layout(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] to the CPU int4 kernel's layout, uint8 [N, K/2]: blocks of 64 rows as [K, 32]
-    bytes, row d of a block in the low nibble of byte d and row 32 + d in the high one; the last
-    N % 64 rows as [K, (N % 64) / 2] bytes, row 2j in the low nibble of byte j and row 2j + 1 in the
-    high one. The bytes aten._convert_weight_to_int4pack_for_cpu makes (cpu_int4_layout_known)."""
-    n, k = codes.shape
+def _cpu_int4_layout(portable: torch.Tensor) -> torch.Tensor:
+    """Portable nibbles (uint8 [N, K/2], column 2j in the low nibble, 2j + 1 in the high one) to the
+    CPU int4 kernel's layout, uint8 [N, K/2]: blocks of 64 rows as [K, 32] bytes, row d of a block in
+    the low nibble of byte d and row 32 + d in the high one; the last N % 64 rows as
+    [K, (N % 64) / 2] bytes, row 2i in the low nibble of byte i and row 2i + 1 in the high one. The
+    bytes aten._convert_weight_to_int4pack_for_cpu makes from int32 codes (cpu_int4_layout_known)."""
+    n, half = portable.shape
     full = n // 64 * 64
-    out = torch.empty(n, k // 2, dtype=torch.uint8, device=codes.device)
+    out = torch.empty_like(portable)
+
+    def interleave(lo_rows: torch.Tensor, hi_rows: torch.Tensor, even: torch.Tensor, odd: torch.Tensor) -> None:
+        # even columns 2j: both rows' low nibbles; odd columns 2j + 1: both rows' high nibbles
+        even.copy_(((lo_rows & 15) | (hi_rows << 4)).transpose(-1, -2))
+        odd.copy_(((lo_rows >> 4) | (hi_rows & 0xF0)).transpose(-1, -2))
+
     if full:
-        c = codes[:full].view(full // 64, 2, 32, k)
-        out[:full].view(full // 64, k, 32).copy_((c[:, 0] | (c[:, 1] << 4)).transpose(1, 2))
+        blocks = portable[:full].view(full // 64, 2, 32, half)  # rows d and 32 + d of each block
+        o = out[:full].view(full // 64, half, 2, 32)
+        interleave(blocks[:, 0], blocks[:, 1], o[:, :, 0], o[:, :, 1])
     if n > full:
-        c = codes[full:].view((n - full) // 2, 2, k)
-        out[full:].view(k, (n - full) // 2).copy_((c[:, 0] | (c[:, 1] << 4)).t())
+        pairs = portable[full:].view((n - full) // 2, 2, half)  # rows 2i and 2i + 1
+        o = out[full:].view(half, 2, (n - full) // 2)
+        interleave(pairs[:, 0], pairs[:, 1], o[:, 0], o[:, 1])
     return out
 
 
@@ -248,12 +252,12 @@ def cpu_int4_layout_known() -> bool:
     """Whether this torch's CPU int4 layout is the one _cpu_int4_layout writes and
     _dequantize_cpu_int4_t reads (checked once on a small weight with a tail; if a torch release
     changes it, packing falls back to torch's op and int4 products to the kernel)."""
-    codes = torch.randint(0, 16, (96, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    portable = torch.randint(0, 256, (96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     try:
-        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(portable), 1)
     except (RuntimeError, AttributeError):
         return False
-    return theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(codes))
+    return theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(portable))
 
 
 def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
