@@ -257,7 +257,11 @@ def cpu_int4_layout_known() -> bool:
         theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(portable), 1)
     except (RuntimeError, AttributeError):
         return False
-    return theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(portable))
+    known = theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(portable))
+    if not known:
+        log.warning("this torch's CPU int4 layout is not the one blip2 knows: packing through torch's op "
+                    "and int4 products through its kernel (same results, slower loading and image encoding)")
+    return known
 
 
 def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
