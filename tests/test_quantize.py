@@ -89,7 +89,7 @@ def test_quantized_logits_close_to_float32(quant_ckpt, float32_logits, mode):
     m = model.model
     # Every linear layer of the language model, vision encoder and Q-Former is quantized, except where
     # the kernels cannot take its widths (the tiny Q-Former's: 32 wide); the token embedding
-    # is int8 and a tied head is the embedding itself.
+    # and the head are int8, and a tied head is the embedding itself.
     for part in (m.language_model, m.vision_model, m.qformer):
         plain = [x for x in part.modules() if type(x) is nn.Linear]
         assert all(unfit(x.in_features, x.out_features, model.quantization) for x in plain)
@@ -99,8 +99,8 @@ def test_quantized_logits_close_to_float32(quant_ckpt, float32_logits, mode):
     assert isinstance(embedding, QuantizedEmbedding) and embedding.q.mode == "int8"
     if lm == "opt":
         assert lm_model.lm_head is embedding
-    else:  # Flan-T5's head is its own
-        assert type(lm_model.lm_head) is QuantizedLinear and lm_model.lm_head.q.mode == mode
+    else:  # Flan-T5's head is its own, int8 in both modes like the embedding
+        assert type(lm_model.lm_head) is QuantizedLinear and lm_model.lm_head.q.mode == "int8"
     assert type(m.language_projection) is nn.Linear
     logits = _teacher_forced(model, lm, cfg)
     assert logits.shape[0] >= 256
