@@ -189,7 +189,7 @@ def _info(args: argparse.Namespace) -> int:
         q = model.quantization
         group = f", groups of {q.group_size}" if q.mode == "int4" else ""
         print(f"quantization: {q.mode}{group}, {len(quantized)} layers (language model"
-              f"{', vision encoder, Q-Former' if q.vision else ''}; the token embedding in int8)")
+              f"{', vision encoder, Q-Former' if q.vision else ''}; the token embedding and output head in int8)")
     print(f"image size: {cfg.vision.image_size}, query tokens: {cfg.num_query_tokens}, "
           f"image token: {cfg.image_token_index}, end of sequence: {cfg.eos_token_ids}")
     print(f"dtype: {model.dtype}, device: {model.device}, loaded in {model.load_seconds:.2f} s")
