@@ -189,7 +189,7 @@ def test_cli_quantize_round_trip(ckpt_root, tmp_path, capsys):
     assert main(args + ["--model", str(out)]) == 0
     assert capsys.readouterr().out == at_load
     assert main(["info", "--model", str(out)]) == 0
-    assert "quantization: int4, groups of 128, 13 layers (language model; the token embedding in int8)" in capsys.readouterr().out
+    assert "quantization: int4, groups of 128, 13 layers (language model; the token embedding and output head in int8)" in capsys.readouterr().out
     assert main(["quantize", str(path), str(out), "--int8"]) == 1  # never overwrites
 
 
