@@ -136,7 +136,7 @@ def quantize_weight(w: torch.Tensor | Rows, q: Quantization) -> dict[str, torch.
     blocks of tens of MB cost more in page faults than the arithmetic."""
     w = w.detach() if isinstance(w, torch.Tensor) else w
     n, k = w.shape
-    block = _load_buffer("rows", (min(_ROWS, n), k), torch.float32, w.device)
+    block = _reused(_LOAD_BUFFERS, ("rows", w.device), (min(_ROWS, n), k), torch.float32, w.device)
 
     def rows_at(r: int) -> torch.Tensor:  # a float32 copy of rows [r, r + _ROWS), ours to overwrite
         m = min(_ROWS, n - r)
@@ -155,7 +155,7 @@ def quantize_weight(w: torch.Tensor | Rows, q: Quantization) -> dict[str, torch.
     packed = torch.empty(n, k // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(n, k // g, dtype=torch.float32, device=w.device)
     zeros = torch.empty_like(scales)
-    codes = _load_buffer("codes", (min(_ROWS, n), k), torch.uint8, w.device)
+    codes = _reused(_LOAD_BUFFERS, ("codes", w.device), (min(_ROWS, n), k), torch.uint8, w.device)
     for r in range(0, n, _ROWS):
         rows = rows_at(r)
         m = len(rows)
@@ -169,15 +169,19 @@ def quantize_weight(w: torch.Tensor | Rows, q: Quantization) -> dict[str, torch.
     return {"weight": packed, "scales": scales, "zeros": zeros}
 
 
-_LOAD_BUFFERS: dict[tuple, torch.Tensor] = {}
+def _reused(store: dict, key: object, shape: tuple[int, int], dtype: torch.dtype,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """A buffer of `shape` kept in `store` under `key`, grown as needed: fresh blocks of tens of MB
+    cost more (in page faults) than the work done in them."""
+    n = shape[0] * shape[1]
+    buf = store.get(key)
+    if buf is None or buf.numel() < n:
+        with torch.inference_mode(False):  # an ordinary tensor: usable inside and outside inference mode
+            buf = store[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
 
 
-def _load_buffer(name: str, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A buffer reused while loading (released by release_load_buffers)."""
-    key, size = (name, dtype, device), shape[0] * shape[1]
-    if key not in _LOAD_BUFFERS or _LOAD_BUFFERS[key].numel() < size:
-        _LOAD_BUFFERS[key] = torch.empty(size, dtype=dtype, device=device)
-    return _LOAD_BUFFERS[key][:size].view(shape)
+_LOAD_BUFFERS: dict[tuple, torch.Tensor] = {}  # reused while loading, released by release_load_buffers
 
 
 def release_load_buffers() -> None:
@@ -214,11 +218,12 @@ def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
     n = packed.shape[0]
     full = n // 64 * 64
     bounds = [*range(0, full, _ROWS), full] + ([n] if n > full else [])
+    known = cpu_int4_layout_known()
     out = torch.empty_like(packed)
-    for a, b in zip(bounds, bounds[1:]):
-        if b > a and cpu_int4_layout_known():
+    for a, b in zip(bounds, bounds[1:]):  # bounds rise strictly: no empty slice
+        if known:
             out[a:b] = _cpu_int4_layout(packed[a:b])
-        elif b > a:  # torch's op: the same bytes, 4x slower (it takes int32 codes)
+        else:  # torch's op: the same bytes, 4x slower (it takes int32 codes)
             out[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed[a:b]), 1)
     return out
 
@@ -294,17 +299,7 @@ _GEMM_ROWS = {"int8": 32, "int4": 128}
 # at once, the head in 4 parts. int4: 2 M, so the dequantization's temporaries stay small (at 257
 # rows 2.5-3x faster than the kernel on the vision encoder's layers, measured).
 _WIDEN_ELEMENTS = {"int8": 1 << 25, "int4": 1 << 21}
-_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
-
-
-def _scratch(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A reused buffer for a widened weight: allocating tens of MB per call costs more than the copy."""
-    n = shape[0] * shape[1]
-    buf = _SCRATCH.get(dtype)
-    if buf is None or buf.numel() < n:
-        with torch.inference_mode(False):  # an ordinary tensor: usable inside and outside inference mode
-            buf = _SCRATCH[dtype] = torch.empty(n, dtype=dtype)
-    return buf[:n].view(shape)
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}  # the widened weight, per dtype (kept: reused by every product)
 
 
 class QuantizedLinear(nn.Module):
@@ -399,10 +394,10 @@ class QuantizedLinear(nn.Module):
         for r in range(0, self.out_features, rows):
             n = min(rows, self.out_features - r)
             if self.q.mode == "int8":
-                w = _scratch(torch.Size((n, self.in_features)), self.dtype).copy_(self.weight[r:r + n])
+                w = _reused(_SCRATCH, self.dtype, (n, self.in_features), self.dtype).copy_(self.weight[r:r + n])
                 torch.mul(F.linear(x, w), self.scales[r:r + n], out=out[:, r:r + n])
             else:
-                w_t = _scratch(torch.Size((self.in_features, n)), self.dtype)
+                w_t = _reused(_SCRATCH, self.dtype, (self.in_features, n), self.dtype)
                 _dequantize_cpu_int4_t(self.weight[r:r + n], self.scales_and_zeros[:, r:r + n], self.q.group_size, w_t)
                 torch.matmul(x, w_t, out=out[:, r:r + n])
         return out

@@ -152,9 +152,7 @@ def read_checkpoint(directory: Path) -> Iterator[tuple[str, tuple, Callable, Pat
             yield key, shape, read, path
 
 
-def _set(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    module_name, _, attr = name.rpartition(".")
-    module = model.get_submodule(module_name) if module_name else model
+def _set(module: nn.Module, attr: str, value: torch.Tensor | Rows) -> None:
     if hasattr(module, "load_parameter"):  # modules that store what they load differently (packed weights)
         module.load_parameter(attr, value)
     else:
@@ -213,10 +211,11 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
         if shape != tuple(expected[name]):
             raise WeightsError(f"{path}: {name} has shape {shape}, the config implies {tuple(expected[name])}")
         module_name, _, attr = name.rpartition(".")
-        if attr in getattr(model.get_submodule(module_name), "loads_rows", ()):
-            _set(model, name, Rows(shape, dtype_of(name), device, read))
+        module = model.get_submodule(module_name)  # "" is the model itself
+        if attr in getattr(module, "loads_rows", ()):
+            _set(module, attr, Rows(shape, dtype_of(name), device, read))
         else:
-            _set(model, name, read(dtype_of(name)).to(device))
+            _set(module, attr, read(dtype_of(name)).to(device))
         loaded.add(name)
 
     def _other(key: str, shape: tuple, read: Callable, path: Path) -> None:
