@@ -592,8 +592,9 @@ def worker(spec_json: str) -> None:
         pixels = iter([system.pixels(next(images)) for _ in range(spec["timed"] + spec["warm_up"])])
         out["encode_s"] = timed(lambda: system.encode(next(pixels)), spec["timed"])
         log(f"image encoding {statistics.median(out['encode_s']):.2f} s")
-    for b in spec["batches"]:  # one warm-up for all batch sizes: a call of 32 images takes minutes
-        out[f"b{b}_s"] = timed(lambda: answer(b, n), spec["timed_batches"], spec["warm_up"] and b == spec["batches"][0])
+    for b in spec["batches"]:  # on a CPU one warm-up for all batch sizes: a call of 32 images takes minutes
+        first = b == spec["batches"][0] or spec.get("warm_each", False)
+        out[f"b{b}_s"] = timed(lambda: answer(b, n), spec["timed_batches"], spec["warm_up"] and first)
         log(f"batch {b}: {b / statistics.median(out[f'b{b}_s']):.2f} images/s")
     out["peak_rss_gb"] = status_bytes("VmHWM") / 1e9
     print(json.dumps(out))
@@ -633,18 +634,21 @@ def run_worker(spec: dict, threads: int | None = None) -> dict:
 
 NEW_TOKENS = 20
 BATCHES = [8, 32]
-# (key, label, lower is better)
-ROWS = [("load_s", "cold load (s) ↓", True),
-        ("load_rss_gb", "peak RSS after load (GB) ↓", True),
-        ("first_answer_s", "fresh process to first answer (s) ↓", True),
-        ("e2e_s", "1 image end to end (s) ↓", True),
-        ("encode_s", "image encoding, 1 image (s) ↓", True),
-        ("decode_ms", "decode, batch 1 (ms/token) ↓", True),
-        *((f"b{b}_ips", f"batch {b} (images/s) ↑", False) for b in BATCHES),
-        ("peak_rss_gb", "peak RSS, whole run (GB) ↓", True)]
 
 
-def summarize(runs: list[dict], new_tokens: int = NEW_TOKENS) -> dict[str, float | None]:
+def rows(batches: list[int] = BATCHES) -> list[tuple[str, str, bool]]:
+    """The table's rows: (key, label, lower is better)."""
+    return [("load_s", "cold load (s) ↓", True),
+            ("load_rss_gb", "peak RSS after load (GB) ↓", True),
+            ("first_answer_s", "fresh process to first answer (s) ↓", True),
+            ("e2e_s", "1 image end to end (s) ↓", True),
+            ("encode_s", "image encoding, 1 image (s) ↓", True),
+            ("decode_ms", "decode, batch 1 (ms/token) ↓", True),
+            *((f"b{b}_ips", f"batch {b} (images/s) ↑", False) for b in batches),
+            ("peak_rss_gb", "peak RSS, whole run (GB) ↓", True)]
+
+
+def summarize(runs: list[dict], new_tokens: int = NEW_TOKENS, batches: list[int] = BATCHES) -> dict[str, float | None]:
     """Medians over a system's processes (and over the timed repeats inside them)."""
     med = statistics.median
 
@@ -652,7 +656,7 @@ def summarize(runs: list[dict], new_tokens: int = NEW_TOKENS) -> dict[str, float
         values = [v for r in runs for v in r.get(key, [])]
         return med(values) if values else None
 
-    out: dict[str, float | None] = {key: None for key, _, _ in ROWS}
+    out: dict[str, float | None] = {key: None for key, _, _ in rows(batches)}
     out.update(load_s=med(r["load_s"] for r in runs), load_rss_gb=med(r["load_rss_gb"] for r in runs))
     if "e2e_s" not in runs[0]:
         return out
@@ -660,7 +664,7 @@ def summarize(runs: list[dict], new_tokens: int = NEW_TOKENS) -> dict[str, float
                encode_s=pooled("encode_s"), peak_rss_gb=med(r["peak_rss_gb"] for r in runs))
     # Decoding alone: 20 new tokens minus 1 new token, the same image work and prefill on both sides.
     out["decode_ms"] = med(1e3 * (med(r["e2e_s"]) - med(r["e2e1_s"])) / (new_tokens - 1) for r in runs)
-    for b in BATCHES:
+    for b in batches:
         out[f"b{b}_ips"] = med(b / t for r in runs for t in r[f"b{b}_s"])
     return out
 
@@ -671,7 +675,7 @@ def _fmt(value: float | None) -> str:
     return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
 
 
-def markdown_table(summaries: dict[str, dict], floor: dict[str, float]) -> str:
+def markdown_table(summaries: dict[str, dict], floor: dict[str, float], batches: list[int] = BATCHES) -> str:
     """Rows = metrics; columns = each system, ours / each other system, the floor, each system / floor.
 
     For rows marked ↑ (images/s) the floor is the most the machine allows, so x/floor is below 1.
@@ -683,7 +687,7 @@ def markdown_table(summaries: dict[str, dict], floor: dict[str, float]) -> str:
     ratio = lambda a, b: None if a is None or b is None else a / b  # noqa: E731
     header = ["metric", *systems, *(f"{a}/{b}" for a, b in pairs), "floor", *(f"{s}/floor" for s in systems)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for key, label, _ in ROWS:
+    for key, label, _ in rows(batches):
         values = [summaries[s][key] for s in systems]
         if all(v is None for v in values):
             continue
@@ -729,7 +733,7 @@ def _agreement(runs: dict[str, list[dict]]) -> str:
 
 
 def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", device: str = "cpu",
-        compare: list[str] = ("transformers",),
+        compare: list[str] = ("transformers",), batches: list[int] = BATCHES,
         quick: bool = False, load_only: bool = False, json_path: Path | None = None) -> str:
     """The whole benchmark; returns the Markdown report (header, table, notes)."""
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -743,8 +747,12 @@ def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", dev
     start = time.perf_counter()
     make_random_checkpoint(model, out_dir, quick=quick)
     timed, timed_batches, warm_up = (1, 1, False) if quick else (3, 1, True)
-    needed = 1 + timed + 2 * (timed + warm_up) + BATCHES[0] * warm_up + sum(BATCHES) * timed_batches
-    spec = {"path": str(out_dir), "dtype": dtype, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "batches": BATCHES,
+    # A GPU warms up each batch size (its kernels and memory differ, and a warm-up costs little there).
+    warm_each = device != "cpu"
+    needed = (1 + timed + 2 * (timed + warm_up) + (sum(batches) if warm_each else batches[0]) * warm_up
+              + sum(batches) * timed_batches)
+    spec = {"path": str(out_dir), "dtype": dtype, "prompt": PROMPT, "new_tokens": NEW_TOKENS, "batches": batches,
+            "warm_each": warm_each,
             "images": write_images(root / "images", needed), "timed": timed, "timed_batches": timed_batches,
             "warm_up": warm_up, "load_only": load_only, "device": device}
     print(f"checkpoint and {needed} images ready in {out_dir} ({time.perf_counter() - start:.0f} s)", file=sys.stderr)
@@ -769,10 +777,10 @@ def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", dev
 
     prompt_ids = len(Tokenizer.from_file(str(out_dir / "tokenizer.json")).encode(PROMPT).ids)
     w = work(config, stored_shapes(out_dir), prompt_ids)
-    floor = floors(w, ceilings, torch.empty((), dtype=getattr(torch, dtype)).element_size(), NEW_TOKENS, BATCHES)
-    summaries = {s: summarize(r) for s, r in runs.items()}
+    floor = floors(w, ceilings, torch.empty((), dtype=getattr(torch, dtype)).element_size(), NEW_TOKENS, batches)
+    summaries = {s: summarize(r, NEW_TOKENS, batches) for s, r in runs.items()}
     info = machine()
-    report = _report(model, dtype, quick, load_only, repeat, started, info, ceilings, summaries, floor, runs)
+    report = _report(model, dtype, quick, load_only, repeat, started, info, ceilings, summaries, floor, runs, batches)
     if json_path is not None:
         raw = {"command": sys.argv, "model": model, "quick": quick, "dtype": dtype, "started": started.isoformat(),
                "machine": info, "ceilings": ceilings, "work": w, "floors": floor, "medians": summaries, "runs": runs}
@@ -786,14 +794,14 @@ def _ceilings_line(ceilings: dict[str, float], dtype: str) -> str:
             f"(floors use the faster).")
 
 
-def _report(model, dtype, quick, load_only, repeat, started, info, ceilings, summaries, floor, runs) -> str:
+def _report(model, dtype, quick, load_only, repeat, started, info, ceilings, summaries, floor, runs, batches) -> str:
     what = "cold load" if load_only else f'greedy, {NEW_TOKENS} new tokens, prompt "{PROMPT}", 640x480 JPEG files'
     versions = ", ".join(f"{p} {info[p]}" for p in ("torch", "transformers", "vllm") if p in info)
     lines = [f"{model}{' (--quick: small random config)' if quick else ''}, {dtype}, {what}; medians of {repeat} "
              "fresh process(es) per system, run alternately.",
              f"Machine: {info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), "
              f"{info.get('ram_gib', '?')} GiB; {versions}; "
-             f"{started:%Y-%m-%d}. {_ceilings_line(ceilings, dtype)}", "", markdown_table(summaries, floor), ""]
+             f"{started:%Y-%m-%d}. {_ceilings_line(ceilings, dtype)}", "", markdown_table(summaries, floor, batches), ""]
     if agreement := _agreement(runs):
         lines.append(agreement + ".")
     others = max(r["others_cpu"] for rs in runs.values() for r in rs)
@@ -827,6 +835,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
             p.add_argument("--compare", default="transformers",
                            help="comma-separated: transformers, vllm, ours-int8, ours-int4 (our engine quantized), "
                                 "ours-int8-lm, ours-int4-lm (the language model only)")
+            p.add_argument("--batches", default=",".join(map(str, BATCHES)),
+                           help=f"comma-separated batch sizes for the throughput rows (default {','.join(map(str, BATCHES))})")
             p.add_argument("--json", type=Path, default=None, help="also save the raw results here")
     args = parser.parse_args(argv)
     root = args.dir.expanduser() if args.dir else _default_dir()
@@ -838,9 +848,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
     unknown = sorted(set(compare) - set(_SYSTEMS))
     if unknown:
         parser.error(f"--compare takes a comma-separated subset of {', '.join(list(_SYSTEMS)[1:])} (got {', '.join(unknown)})")
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        parser.error(f"--batches takes comma-separated positive sizes (got {args.batches!r})")
     repeat = 1 if args.quick and "--repeat" not in (argv if argv is not None else sys.argv) else args.repeat
     try:
-        print(run(args.model, root, repeat=repeat, dtype=args.dtype, compare=compare, quick=args.quick,
+        print(run(args.model, root, repeat=repeat, dtype=args.dtype, compare=compare, batches=batches, quick=args.quick,
                   load_only=args.command == "load", json_path=args.json, device=args.device))
     except RuntimeError as e:
         print(f"blip2 bench: error: {e}", file=sys.stderr)

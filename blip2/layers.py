@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
+import weakref
 from typing import Callable
 
 import torch
@@ -144,13 +145,48 @@ def pack_linears(module: nn.Module, wanted: Callable[[str], bool], prefix: str =
             pack_linears(child, wanted, full + ".")
 
 
+# Decoding graphs kept for the next session of the same shape: what their caches and masks take, at most.
+KEEP_GRAPH_BYTES = 1 << 30
+
+
+class _Captured:
+    """One captured decoding step: its graph, the token input and logits output it reads and writes,
+    and the session state (caches, masks, positions) it works on in place."""
+
+    def __init__(self, graph, tokens: torch.Tensor, logits: torch.Tensor, state: list[torch.Tensor], owner):
+        self.graph, self.tokens, self.logits, self.state = graph, tokens, logits, state
+        self.owner = weakref.ref(owner)
+        self.bytes = sum(t.nbytes for t in state)
+
+
+def _get(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def _set(obj, path: str, value) -> None:
+    *parents, name = path.split(".")
+    for parent in parents:
+        obj = getattr(obj, parent)
+    setattr(obj, name, value)
+
+
 class GraphedSteps:
     """Base of the decoding sessions: step() runs _step() eagerly at first; on CUDA, from the second
     step on, it replays one captured CUDA graph of _step(). A step is hundreds of small kernels, whose
     launches from Python cost more than their work on a GPU. _step() must keep every tensor it touches
-    in place (update the slot, positions, masks and caches, never replace them)."""
+    in place (update the slot, positions, masks and caches, never replace them), and those tensors
+    are named in STATE.
 
-    _graph = None
+    A graph is kept on the language model (up to KEEP_GRAPH_BYTES of state, least recently used
+    dropped first) and reused by the next session of the same shapes: that session's state is copied
+    into the graph's tensors, which then become its own. Capturing costs 4-5 steps.
+    """
+
+    STATE: tuple[str, ...] = ()
+    lm: nn.Module
+    _graph: _Captured | None = None
     _steps = 0
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -162,11 +198,60 @@ class GraphedSteps:
         if tokens.device.type != "cuda" or self._steps == 1:  # the first step warms up what a capture needs
             return self._step(tokens)
         if self._graph is None:
-            self._tokens = tokens.clone()
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):  # records the step without running it
-                self._logits = self._step(self._tokens)
-        self._tokens.copy_(tokens)
-        self._graph.replay()
-        return self._logits.clone()
+            self._graph = self._reuse_or_capture(tokens)
+        self._graph.tokens.copy_(tokens)
+        self._graph.graph.replay()
+        return self._graph.logits.clone()
 
+    def _reuse_or_capture(self, tokens: torch.Tensor) -> _Captured:
+        state = [_get(self, path) for path in self.STATE]
+        key = (type(self), tuple(tokens.shape), tuple((tuple(t.shape), t.dtype) for t in state))
+        kept: collections.OrderedDict = self.lm.__dict__.setdefault("_kept_graphs", collections.OrderedDict())
+        graph = kept.get(key)
+        if graph is not None and graph.owner() is None:  # not in use by a live session
+            for path, mine, static in zip(self.STATE, state, graph.state):
+                static.copy_(mine)
+                _set(self, path, static)
+            graph.owner = weakref.ref(self)
+            kept.move_to_end(key)
+            return graph
+        static_tokens = tokens.clone()
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):  # records the step without running it
+            logits = self._step(static_tokens)
+        graph = _Captured(cuda_graph, static_tokens, logits, state, self)
+        if graph.bytes <= KEEP_GRAPH_BYTES:
+            kept[key] = graph
+            while sum(g.bytes for g in kept.values()) > KEEP_GRAPH_BYTES:
+                kept.popitem(last=False)
+        return graph
+
+
+class GraphedCalls:
+    """fn(x) on CUDA through one captured CUDA graph per input shape: the first call of a shape runs
+    eagerly (warming up the libraries' kernels), the second captures, later ones replay. For the
+    vision encoder: a small batch is hundreds of kernels that Python launches slower than the GPU
+    runs them. Elsewhere fn runs as is."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self.seen: set = set()
+        self.graphs: dict = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda":
+            return self.fn(x)
+        key = (tuple(x.shape), x.dtype)
+        if key not in self.graphs:
+            if key not in self.seen:
+                self.seen.add(key)
+                return self.fn(x)
+            static = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        static.copy_(x)
+        graph.replay()
+        return out.clone()

@@ -135,6 +135,8 @@ class OPTSession(GraphedSteps):
     Rows are the inputs repeated `copies` times each (beams or samples), sharing the prefill.
     """
 
+    STATE = ("cache.k", "cache.v", "valid", "next_pos", "slot")
+
     def __init__(self, lm: OPTForCausalLM, embeds: torch.Tensor, attention_mask: torch.Tensor, copies: int,
                  max_new_tokens: int):
         self.lm, self.embeds, self.mask, self.copies = lm, embeds, attention_mask, copies

@@ -22,7 +22,7 @@ import os
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -201,14 +201,23 @@ class ImageProcessor:
             rescale_factor=float(config.get("rescale_factor", 1 / 255)),
         )
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """One RGB PIL image to a [3, H, W] float32 tensor, with the reference's arithmetic."""
+    def resized(self, image: Image.Image) -> torch.Tensor:
+        """One RGB PIL image to [3, size, size] uint8, resized as the reference does (PIL, `resample`)."""
         image = image.resize((self.size, self.size), resample=self.resample)
-        # The reference multiplies in float64 and rounds to float32 before normalising in float32.
-        x = (np.asarray(image).transpose(2, 0, 1).astype(np.float64) * self.rescale_factor).astype(np.float32)
-        mean = np.asarray(self.mean, dtype=np.float32)[:, None, None]
-        std = np.asarray(self.std, dtype=np.float32)[:, None, None]
-        return torch.from_numpy(np.ascontiguousarray((x - mean) / std))
+        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [..., 3, size, size], on any device, to the model's float32 input with the
+        reference's arithmetic: scaled in float64, rounded to float32, then normalised in float32
+        (IEEE operations, so a GPU gives the same bits as the CPU)."""
+        x = (pixels.double() * self.rescale_factor).float()
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device)[:, None, None]
+        return (x - mean) / std
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """One RGB PIL image to the model's [3, size, size] float32 input."""
+        return self.normalize(self.resized(image))
 
     def __call__(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
         """Images (anything `load_image` takes, or a list of them) to a [B, 3, size, size] tensor."""
@@ -217,16 +226,22 @@ class ImageProcessor:
         batch = list(images) if is_batch else [images]
         if not batch:
             raise ValueError("no images given")
-        if len(batch) == 1:
-            return self.preprocess(load_image(batch[0]))[None]
-        # PIL decodes and resizes without the GIL: a batch spreads over the cores (the first failing
-        # image's ImageError is raised, as in a loop).
-        return torch.stack(list(_pool().map(lambda image: self.preprocess(load_image(image)), batch)))
+        return self.normalize(torch.stack(list(self.stream(batch))))
+
+    def stream(self, images: Sequence[ImageSource]) -> Iterator[torch.Tensor]:
+        """Each image resized, [3, size, size] uint8 (`normalize` makes it the model's input), in
+        order, prepared on a thread pool ahead of the consumer: PIL decodes and resizes without the
+        GIL, so a batch spreads over the cores, and a caller can encode the first images while the
+        rest are being prepared. A failing image's ImageError is raised when its turn comes."""
+        if len(images) == 1:
+            return iter([self.resized(load_image(images[0]))])
+        return _pool().map(lambda image: self.resized(load_image(image)), images)
 
 
 @functools.cache
 def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="blip2-images")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return concurrent.futures.ThreadPoolExecutor(min(32, cores), thread_name_prefix="blip2-images")
 
 
 class TokenBatch(NamedTuple):

@@ -239,6 +239,8 @@ class T5Session(GraphedSteps):
     permutes rows of the same input, so the cross-attention keys and values never need reordering.
     """
 
+    STATE = ("cross.k", "cross.v", "encoder_mask", "cache.k", "cache.v", "slot")
+
     def __init__(self, lm: T5ForConditionalGeneration, embeds: torch.Tensor, attention_mask: torch.Tensor,
                  copies: int, max_new_tokens: int):
         self.lm = lm

@@ -3,7 +3,8 @@
     python scripts/cuda_check.py [--dir /tmp/cuda-check]
 
 For OPT and Flan-T5: float32 logits (relative error), greedy and 3-beam new token ids against the
-reference's `generate`, both on CUDA; then float16 (OPT) / bfloat16 (T5) and int8 / int4 weight-only
+reference's `generate`, both on CUDA (three times each: captured, then kept CUDA graphs); the
+graphed vision encoder against the eager one; normalisation on the GPU against the CPU's; then float16 (OPT) / bfloat16 (T5) and int8 / int4 weight-only
 generation running end to end on CUDA. Prints one JSON line per check; exits 1 if a parity check fails.
 """
 
@@ -53,12 +54,31 @@ def main() -> int:
                 out = ref.generate(pixel_values=px.cuda(), input_ids=ids.cuda(), attention_mask=mask.cuda(),
                                    num_beams=beams, do_sample=False, max_new_tokens=8, min_new_tokens=8)
             new = out[:, ids.shape[1]:] if lm == "opt" else out[:, 1:]
-            with torch.inference_mode():
-                mine = ours.model.generate(ours.encode_images(px), ids.cuda(), mask.cuda(),
-                                           GenerationConfig(num_beams=beams, max_new_tokens=8, min_new_tokens=8))
-            same = [h[0].token_ids for h in mine] == new.tolist()
-            print(json.dumps({"check": f"{lm} {beams}-beam token ids on cuda", "ok": same}), flush=True)
-            ok &= same
+            # Three times: the first captures the decoding graph (and runs the encoder eagerly), the
+            # next ones reuse the kept graph (and capture, then replay, the encoder's).
+            same = []
+            for _ in range(3):
+                with torch.inference_mode():
+                    mine = ours.model.generate(ours.encode_images(px), ids.cuda(), mask.cuda(),
+                                               GenerationConfig(num_beams=beams, max_new_tokens=8, min_new_tokens=8))
+                same.append([h[0].token_ids for h in mine] == new.tolist())
+            print(json.dumps({"check": f"{lm} {beams}-beam token ids on cuda (fresh, kept graph, kept graph)",
+                              "ok": all(same), "each": same}), flush=True)
+            ok &= all(same)
+        # The graphed vision encoder: 3 images padded to 4, against the eager module on the same 4.
+        px3 = pixels(3, 28)
+        eager = ours.model.encode_images(torch.cat([px3, px3[:1] * 0]).cuda())[:3]
+        graphed = [ours.encode_images(px3) for _ in range(3)][-1]
+        same = torch.equal(graphed, eager)
+        print(json.dumps({"check": f"{lm} graphed vision encoder equals eager", "ok": same,
+                          "relative_error": rel_err(graphed, eager)}), flush=True)
+        ok &= same
+        # Images normalised on the GPU give the CPU's bits.
+        resized = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+        norm = ours.image_processor
+        same = torch.equal(norm.normalize(resized.cuda()).cpu(), norm.normalize(resized))
+        print(json.dumps({"check": f"{lm} normalisation on cuda equals cpu", "ok": same}), flush=True)
+        ok &= same
         half = "float16" if lm == "opt" else "bfloat16"
         for quantize in (None, "int8", "int4"):
             try:

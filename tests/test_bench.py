@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import blip2
-from blip2.bench import CONFIGS, PROMPT, ROWS, _checkpoint_shapes, _write_checkpoint, floors, work
+from blip2.bench import CONFIGS, PROMPT, _checkpoint_shapes, _write_checkpoint, floors, rows, work
 
 transformers = pytest.importorskip("transformers")
 
@@ -147,7 +147,7 @@ def test_quick_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert table[0].split(" | ")[1:4] == ["ours", "transformers", "ours/transformers"]
-    assert [line.split(" | ")[0][2:] for line in table[1:]] == [label for _, label, _ in ROWS]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [label for _, label, _ in rows([8, 32])]
     raw = json.loads(json_path.read_text())
     for system in ("ours", "transformers"):
         (run,) = raw["runs"][system]
