@@ -15,9 +15,7 @@ import argparse
 import concurrent.futures
 import json
 import multiprocessing
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +28,7 @@ from blip2.bench import PROMPT, write_images  # noqa: E402
 from blip2.generation import GenerationConfig  # noqa: E402
 from blip2.opt import OPTSession  # noqa: E402
 from blip2.processing import ImageProcessor, load_image  # noqa: E402
+from gpu_profile import kernel_profile, timer  # noqa: E402  (scripts/ is on the path: this file's folder)
 
 
 def _resized(path: str):  # runs in the worker processes
@@ -57,18 +56,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     cuda = args.device == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def seconds(fn, repeat=3):
-        fn()
-        times = []
-        for _ in range(repeat):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    seconds = timer(cuda, 3)
 
     out: dict[str, object] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     m = blip2.load(args.model, dtype=args.dtype, device=args.device)
@@ -119,8 +107,6 @@ def main() -> int:
         OPTSession._step = plain_step
         torch.backends.cuda.enable_cudnn_sdp(True)
     # The kernels of an eager step at the large batch.
-    from gpu_profile import kernel_profile
-
     with torch.inference_mode():
         if cuda:
             s = OPTSession(m.model.language_model, embeds, full, 1, 60)

@@ -42,18 +42,7 @@ def main() -> int:
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    def seconds(fn, repeat=args.repeat, warm=True):
-        if warm:
-            fn()
-        times = []
-        for _ in range(repeat):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    seconds = timer(cuda, args.repeat)
 
     out: dict[str, object] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     start = time.perf_counter()
@@ -129,6 +118,26 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0
+
+
+def timer(cuda: bool, default_repeat: int):
+    """seconds(fn, repeat, warm): the median time of `repeat` calls of fn after one warm-up call,
+    with the device synchronised around each."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def seconds(fn, repeat: int = default_repeat, warm: bool = True) -> float:
+        if warm:
+            fn()
+        times = []
+        for _ in range(repeat):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return seconds
 
 
 def kernel_profile(step, steps: int) -> dict[str, object]:
