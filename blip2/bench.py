@@ -723,12 +723,14 @@ def _agreement(runs: dict[str, list[dict]]) -> str:
         return ""
     notes = []
     for s, ids in first.items():
-        if s != "ours":
-            same = next((i for i, (a, b) in enumerate(zip(first["ours"], ids)) if a != b), len(ids))
-            notes.append(f"ours and {s} generate the same {NEW_TOKENS} tokens" if same == len(ids) else
-                         f"ours and {s} agree on the first {same} of {NEW_TOKENS} tokens (random weights, {s} "
-                         "rounds differently in low precision)" if not s.startswith("ours") else
-                         f"ours and {s} agree on the first {same} of {NEW_TOKENS} tokens (quantized weights)")
+        if s == "ours":
+            continue
+        same = next((i for i, (a, b) in enumerate(zip(first["ours"], ids)) if a != b), len(ids))
+        if same == len(ids):
+            notes.append(f"ours and {s} generate the same {NEW_TOKENS} tokens")
+            continue
+        why = "quantized weights" if s.startswith("ours") else f"random weights, {s} rounds differently in low precision"
+        notes.append(f"ours and {s} agree on the first {same} of {NEW_TOKENS} tokens ({why})")
     return "; ".join(notes)
 
 

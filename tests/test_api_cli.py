@@ -115,6 +115,21 @@ def test_new_images_are_encoded_together_in_batches(ckpt, monkeypatch):
     assert torch.allclose(queries[3], alone[0], atol=1e-5)
 
 
+def test_streamed_resized_images_give_the_normalised_queries(ckpt):
+    """The generation path streams uint8 resized images and normalises them where the model runs:
+    the same pixels, hence the same queries, as the normalised batch."""
+    _, _, _, model = ckpt
+    images = _images(3)
+    rows = list(model.image_processor.stream(images))
+    assert all(r.dtype == torch.uint8 for r in rows)
+    px = model.pixel_values(images)
+    assert torch.equal(model.image_processor.normalize(torch.stack(rows)), px)
+    model._queries.clear()
+    streamed = model.image_queries(iter(rows))
+    model._queries.clear()
+    assert torch.equal(streamed, model.image_queries(px))
+
+
 def test_render_chat_alternates_question_and_answer():
     messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a dog"},
                 {"role": "user", "content": [{"type": "text", "text": "what color?"}]}]

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import blip2
-from blip2.bench import CONFIGS, PROMPT, _checkpoint_shapes, _write_checkpoint, floors, rows, work
+from blip2.bench import CONFIGS, PROMPT, _agreement, _checkpoint_shapes, _write_checkpoint, floors, rows, work
 
 transformers = pytest.importorskip("transformers")
 
@@ -152,3 +152,17 @@ def test_quick_benchmark_runs(tmp_path):
     for system in ("ours", "transformers"):
         (run,) = raw["runs"][system]
         assert len(run["tokens"]) == 20 and run["load_s"] > 0 and run["peak_rss_gb"] >= run["load_rss_gb"] > 0
+
+
+def test_agreement_names_where_systems_part():
+    runs = {"ours": [{"tokens": [1, 2, 3]}], "transformers": [{"tokens": [1, 2, 4]}],
+            "ours-int8": [{"tokens": [1, 2, 3]}]}
+    note = _agreement(runs)
+    assert "ours and transformers agree on the first 2 of 20 tokens (random weights" in note
+    assert "ours and ours-int8 generate the same 20 tokens" in note
+
+
+def test_bench_batches_option_is_checked():
+    proc = subprocess.run([sys.executable, "-m", "blip2.bench", "run", "--quick", "--batches", "8,x"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2 and "--batches takes comma-separated positive sizes" in proc.stderr
