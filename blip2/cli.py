@@ -182,7 +182,9 @@ def _info(args: argparse.Namespace) -> int:
     params = {id(p): p.numel() for p in model.model.parameters()}
     quantized = [m for m in model.model.modules() if isinstance(m, QuantizedLinear)]
     count = sum(params.values()) + sum(m.in_features * m.out_features for m in quantized)
-    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.model.parameters(), *model.model.buffers()]}
+    # Tied tensors counted once; packed (oneDNN) weights have no data pointer, and are never shared.
+    tensors = {id(t) if t.is_mkldnn else t.data_ptr(): t.numel() * t.element_size()
+               for t in [*model.model.parameters(), *model.model.buffers()]}
     print(f"path: {model.path}")
     print(f"language model: {cfg.text.model_type}, {count:,} parameters, {sum(tensors.values()) / 2**30:.2f} GiB in memory")
     if model.quantization:

@@ -205,7 +205,11 @@ def test_cli_ask_and_chat(ckpt, tmp_path, capsys, monkeypatch):
 def test_cli_info_and_missing_model(ckpt, capsys, tmp_path):
     _, path, _, _ = ckpt
     assert main(["info", "--model", str(path)]) == 0
-    assert "parameters" in capsys.readouterr().out
+    float32 = capsys.readouterr().out
+    assert "parameters" in float32
+    # bfloat16 on a CPU packs weights in oneDNN's layout, which have no data pointer (this crashed).
+    assert main(["info", "--model", str(path), "--dtype", "bfloat16"]) == 0
+    assert "GiB in memory" in capsys.readouterr().out
     assert main(["info", "--model", str(tmp_path / "nope")]) == 1
     assert "not a checkpoint directory" in capsys.readouterr().err
 

@@ -21,6 +21,7 @@ def test_packed_linears_equal_plain_linears(lm, ckpt_root, monkeypatch):
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
     # OPT's head is tied to its embedding and stays plain; Flan-T5's is its own and is packed.
     assert isinstance(packed.model.language_model.lm_head, PackedLinear) == (lm == "t5")
+    assert isinstance(packed.model.vision_model.encoder.layers[0].mlp.fc1, PackedLinear)
     monkeypatch.setattr(blip2.api, "can_pack", lambda *a: False)
     plain = blip2.load(path, dtype="bfloat16")
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
@@ -30,6 +31,7 @@ def test_packed_linears_equal_plain_linears(lm, ckpt_root, monkeypatch):
     assert torch.equal(packed.forward(px, ids, mask, dec), plain.forward(px, ids, mask, dec))
     with torch.inference_mode():
         q = packed.model.encode_images(px)
+        assert torch.equal(q, plain.model.encode_images(px))
         gen = blip2.generation.GenerationConfig(num_beams=3, max_new_tokens=6)
         a = packed.model.generate(q, ids, mask, gen)
         b = plain.model.generate(plain.model.encode_images(px), ids, mask, gen)
