@@ -356,9 +356,9 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
             dtype_of = _quantized_plan(model, names, dtype_of)
         if can_pack(dtype, device):
             # Packing pays where the weights are read once per row (decoding), and in the vision
-            # encoder, whose products otherwise copy their weight on every call (one image 11%
-            # faster, measured). A head tied to the embedding stays plain: the embedding reads the
-            # same tensor.
+            # encoder, where the plain product first copies the bias into every output row (one
+            # image 11-17% faster, scripts/cpu_ab.py). A head tied to the embedding stays plain: the
+            # embedding reads the same tensor.
             tied = cfg.text.tie_word_embeddings
             pack_linears(model.language_model, lambda name: not (tied and name == "lm_head") and dtype_of(
                 f"language_model.{name}.weight") == dtype)
