@@ -93,9 +93,10 @@ _IN_FLIGHT: collections.deque = collections.deque()
 class PackedLinear(nn.Module):
     """A Linear whose weight is packed in oneDNN's blocked layout as it is loaded (CPU bfloat16/float16).
 
-    Results are bit-identical to F.linear on the same weights, and a decode step (one row at a time,
-    bound by reading the weights) runs up to twice as fast: the plain path re-lays out the weight on
-    every call. Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
+    Results are bit-identical to F.linear on the same weights for decoding rows and one image's
+    patches (for thousands of rows oneDNN may sum in another order), and a decode step (one row at a
+    time, bound by reading the weights) runs up to twice as fast: the plain path re-lays out the
+    weight on every call. Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
     full-size load), keeps peak memory at the final size.
     """
 
