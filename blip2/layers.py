@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
+import operator
 import weakref
 from typing import Callable
 
@@ -160,10 +161,13 @@ class _Captured:
         self.bytes = sum(t.nbytes for t in state)
 
 
-def _get(obj, path: str):
-    for name in path.split("."):
-        obj = getattr(obj, name)
-    return obj
+def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    """One CUDA graph of fn on a copy of x (recorded, not run): (graph, its input, its output)."""
+    static = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(static)
+    return graph, static, out
 
 
 def _set(obj, path: str, value) -> None:
@@ -205,7 +209,7 @@ class GraphedSteps:
         return self._graph.logits.clone()
 
     def _reuse_or_capture(self, tokens: torch.Tensor) -> _Captured:
-        state = [_get(self, path) for path in self.STATE]
+        state = [operator.attrgetter(path)(self) for path in self.STATE]
         key = (type(self), tuple(tokens.shape), tuple((tuple(t.shape), t.dtype) for t in state))
         kept: collections.OrderedDict = self.lm.__dict__.setdefault("_kept_graphs", collections.OrderedDict())
         graph = kept.get(key)
@@ -216,11 +220,7 @@ class GraphedSteps:
             graph.owner = weakref.ref(self)
             kept.move_to_end(key)
             return graph
-        static_tokens = tokens.clone()
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):  # records the step without running it
-            logits = self._step(static_tokens)
-        graph = _Captured(cuda_graph, static_tokens, logits, state, self)
+        graph = _Captured(*_capture(self._step, tokens), state, self)  # the step is recorded, not run
         if graph.bytes <= KEEP_GRAPH_BYTES:
             kept[key] = graph
             while sum(g.bytes for g in kept.values()) > KEEP_GRAPH_BYTES:
@@ -247,11 +247,7 @@ class GraphedCalls:
             if key not in self.seen:
                 self.seen.add(key)
                 return self.fn(x)
-            static = x.clone()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(static)
-            self.graphs[key] = (graph, static, out)
+            self.graphs[key] = _capture(self.fn, x)
         graph, static, out = self.graphs[key]
         static.copy_(x)
         graph.replay()
