@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import math
 import operator
 import weakref
@@ -41,6 +42,38 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     init on the meta device runs through torch's reference decompositions, which import torch._dynamo
     and sympy: 70 MB of resident memory and a second of loading for nothing."""
     return nn.Embedding.from_pretrained(torch.empty(num, dim), freeze=False)
+
+
+# Decoding a large batch on a GPU, torch's attention kernels spend most of a step on tiles of 64
+# queries where each row has one: for batch x heads >= SINGLE_QUERY_ROWS, attention runs as two
+# batched products around a float32 softmax instead (BENCHMARKS.md, scripts/gpu_ab.py).
+SINGLE_QUERY_ROWS = 1024
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of [B, H, N, D] queries over [B, H, L, D] keys/values, the scale already in
+    q; `mask` boolean (True: may attend) or additive, broadcast to [B, H, N, L]."""
+    b, h, n, _ = q.shape
+    if n == 1 and q.is_cuda and b * h >= SINGLE_QUERY_ROWS:
+        return single_query_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """`attention` for one query per row as two batched products. Scores are float32 like those
+    inside torch's fused kernels (on CUDA straight from the product's float32 accumulator); the
+    probabilities are rounded to v's dtype for the second product, as flash attention does."""
+    b, h, _, d = q.shape
+    keys = k.reshape(b * h, -1, d).transpose(1, 2)
+    if q.is_cuda:
+        scores = torch.bmm(q.reshape(b * h, 1, d), keys, out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(q.reshape(b * h, 1, d).float(), keys.float())
+    scores = scores.view(b, h, 1, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 class KVCache:
@@ -132,8 +165,20 @@ class PackedLinear(nn.Module):
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     """oneDNN packing pays off for half-precision weights on a CPU that has it."""
-    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and _onednn_packs(dtype)
+
+
+@functools.cache
+def _onednn_packs(dtype: torch.dtype) -> bool:
+    # oneDNN packs half-precision weights only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: an AVX2
+    # CPU (AMD EPYC before Zen 4, say) raises, and then the plain product is the one to use.
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), PACK_FOR_ROWS)
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_linears(module: nn.Module, wanted: Callable[[str], bool], prefix: str = "") -> None:

@@ -6,11 +6,10 @@ Module and parameter names follow the checkpoint keys under `language_model.`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
-from .layers import ACT, GraphedSteps, KVCache, embedding
+from .layers import ACT, GraphedSteps, KVCache, attention, embedding
 
 # OPT's learned position table has two extra rows in front (a fairseq legacy); position p reads row p + 2.
 POSITION_OFFSET = 2
@@ -36,7 +35,7 @@ class OPTAttention(nn.Module):
         k, v = heads(self.k_proj(x)), heads(self.v_proj(x))
         if cache is not None:
             k, v = cache.update(layer, cache_pos, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        out = attention(q, k, v, mask)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 

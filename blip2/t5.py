@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config
-from .layers import ACT, GraphedSteps, KVCache, embedding
+from .layers import ACT, GraphedSteps, KVCache, attention, embedding
 
 
 class T5LayerNorm(nn.Module):
@@ -84,7 +83,7 @@ class T5Attention(nn.Module):
                 k, v = cache.update(layer, cache_pos, k, v)
         else:
             k, v = kv
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+        out = attention(q, k, v, bias)
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -98,10 +99,16 @@ def main() -> int:
         out[f"prep_threads{threads}_s"] = seconds(lambda: list(m.image_processor.stream(files)))
         out[f"prep_encode_threads{threads}_s"] = seconds(lambda: encode_stream(m.image_processor.stream(files)))
         print(json.dumps(out), flush=True)
-    with concurrent.futures.ProcessPoolExecutor(16, mp_context=multiprocessing.get_context("spawn")) as procs:
-        rows = lambda: (torch.from_numpy(a) for a in procs.map(_resized, files, chunksize=4))  # noqa: E731
-        out["prep_processes16_s"] = seconds(lambda: list(rows()))
-        out["prep_encode_processes16_s"] = seconds(lambda: encode_stream(rows()))
+    for start in ("spawn", "fork"):  # fork: from this process, model loaded and CUDA running
+        began = time.perf_counter()
+        with concurrent.futures.ProcessPoolExecutor(16, mp_context=multiprocessing.get_context(start)) as procs:
+            list(procs.map(abs, range(64)))
+            out[f"pool_{start}16_start_s"] = time.perf_counter() - began
+            for chunksize in (1, 4):
+                rows = lambda: (torch.from_numpy(a) for a in procs.map(_resized, files, chunksize=chunksize))  # noqa: E731
+                out[f"prep_{start}16_c{chunksize}_s"] = seconds(lambda: list(rows()))
+                out[f"prep_encode_{start}16_c{chunksize}_s"] = seconds(lambda: encode_stream(rows()))
+        print(json.dumps(out), flush=True)
     px = m.pixel_values(files).to(args.device)
     out["encode_only_s"] = seconds(lambda: m.encode_images(px))
     print(json.dumps(out), flush=True)

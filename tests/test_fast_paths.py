@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import blip2
-from blip2.layers import KVCache, PackedLinear, can_pack
+from blip2.layers import KVCache, PackedLinear, can_pack, single_query_attention
 from checkpoints import opt_inputs, pixels, t5_inputs, tiny_config, write_checkpoint
 
-needs_onednn = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="no oneDNN")
+needs_onednn = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="oneDNN cannot pack half-precision weights on this CPU")
 
 
 @needs_onednn
@@ -56,3 +57,45 @@ def test_beam_reorder_copies_what_a_whole_cache_reorder_would():
     unchanged = cache.k.clone()
     cache.reorder(torch.arange(6), 4, 7)  # nothing moves
     assert torch.equal(cache.k, unchanged)
+
+
+def test_single_query_attention_equals_torch_attention():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 4, 7, 8), torch.randn(3, 4, 7, 8)
+    keep = torch.rand(3, 1, 1, 7) > 0.3
+    keep[..., 0] = True  # every row attends to something
+    bias = torch.randn(1, 4, 1, 7) + torch.where(keep, 0.0, float("-inf"))  # T5: position bias + mask
+    for mask in (keep, bias, None):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        torch.testing.assert_close(single_query_attention(q, k, v, mask), expected)
+    # Half-precision inputs: float32 scores, probabilities rounded to bfloat16 (as flash attention does).
+    h = [t.bfloat16() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*[t.double() for t in h], attn_mask=keep, scale=1.0)
+    assert single_query_attention(*h, keep).dtype == torch.bfloat16
+    torch.testing.assert_close(single_query_attention(*h, keep).double(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_generation_with_single_query_attention_equals_plain(lm, ckpt_root, monkeypatch):
+    # On a GPU, decoding steps of many rows take the two-product attention; here every step does.
+    cfg = tiny_config(lm, num_decoder_layers=2) if lm == "t5" else tiny_config(lm)
+    m = blip2.load(write_checkpoint(ckpt_root / f"single-query-{lm}", cfg, seed=43), dtype="float32")
+    ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
+    gen = blip2.generation.GenerationConfig(num_beams=3, max_new_tokens=6, num_return_sequences=2)
+    px = pixels(2, 28)
+
+    def run():
+        with torch.inference_mode():
+            return [[s.token_ids for s in r] for r in m.model.generate(m.model.encode_images(px), ids, mask, gen)]
+
+    plain = run()
+    used = []
+
+    def routed(q, k, v, mask):
+        if q.shape[2] == 1:
+            used.append(1)
+            return single_query_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+    monkeypatch.setattr(getattr(blip2, lm), "attention", routed)
+    assert run() == plain and used

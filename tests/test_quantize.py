@@ -281,11 +281,10 @@ def test_many_rows_path_equals_the_kernel_row_by_row(mode, out_features, monkeyp
 @pytest.mark.parametrize("rows", [16, 48, 96, 2112, 3072 + 32])
 def test_int4_packing_writes_the_bytes_torchs_op_writes(rows, monkeypatch):
     # Our packing (and the many-rows path's dequantization) writes/reads the CPU kernel's layout by
-    # hand; torch's own op is the oracle, including the last rows % 64 rows. A torch whose layout
-    # differed would be detected at first use and served by its op instead.
+    # hand; torch's own op is the oracle, including the last rows % 64 rows. Where torch lays it out
+    # otherwise (its AVX2 kernel does), that is detected at first use and served by its op instead.
     import blip2.quantize as quantize
 
-    assert quantize.cpu_int4_layout_known()
     codes = torch.randint(0, 16, (rows, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
     portable = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
     theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
