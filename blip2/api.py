@@ -205,7 +205,10 @@ class Blip2:
         waiting: dict[bytes, torch.Tensor] = {}
 
         def encode() -> None:
-            pixels = torch.stack(list(waiting.values())).to(self.device)
+            pixels = torch.stack(list(waiting.values()))
+            if self.device.type == "cuda":  # pinned: the copy does not wait for the last chunk's encoding
+                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+            pixels = pixels.to(self.device)
             if pixels.dtype == torch.uint8:  # resized images: normalised where the model runs
                 pixels = self.image_processor.normalize(pixels)
             found.update(zip(waiting, self.encode_images(pixels)))
@@ -276,7 +279,7 @@ class Blip2:
         if len(images) != len(prompts) and 1 not in (len(images), len(prompts)):
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts: give one of each per pair, "
                              "or a single image or prompt for all")
-        queries = self.image_queries(self.image_processor.stream(images))
+        queries = self.image_queries(self.image_processor.stream(images, processes=self.device.type == "cuda"))
         tokens = self.tokenizer(prompts, max_length=self.max_prompt_tokens(gen))
         n = max(len(images), len(prompts))
         queries = queries.expand(n, -1, -1) if len(queries) == 1 else queries

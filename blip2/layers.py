@@ -66,7 +66,7 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     probabilities are rounded to v's dtype for the second product, as flash attention does."""
     b, h, _, d = q.shape
     keys = k.reshape(b * h, -1, d).transpose(1, 2)
-    if q.is_cuda:
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         scores = torch.bmm(q.reshape(b * h, 1, d), keys, out_dtype=torch.float32)
     else:
         scores = torch.bmm(q.reshape(b * h, 1, d).float(), keys.float())

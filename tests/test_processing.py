@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps
 from text_fixtures import make_opt_tokenizer, make_processor_files, make_t5_tokenizer
 
+import blip2.processing as processing
 from blip2.processing import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor, PromptTokenizer, load_image
 
 transformers = pytest.importorskip("transformers")
@@ -120,6 +121,28 @@ def test_all_input_kinds_give_the_same_tensor_as_the_path(tmp_path: Path) -> Non
     gray = np.asarray(image.convert("L"))
     assert torch.equal(ImageProcessor()(gray), _reference_pixels(image.convert("L"), 224))
     assert torch.equal(ImageProcessor()(np.stack([array, array])), torch.cat([expected, expected]))
+
+
+@pytest.mark.skipif(not processing._FORK, reason="worker processes are forked, which this platform cannot")
+def test_images_prepared_in_worker_processes_equal_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a process feeding a GPU does with a large batch of files: the same rows, in order; a bad
+    # file's error names it, and the pool still serves the next batch.
+    monkeypatch.setattr(processing, "_cores", lambda: 2)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.png")
+        _rng_image(40 + i, 50, seed=i).save(paths[-1])
+    sources = [str(p) for p in paths[:3]] + [paths[3], paths[4].read_bytes()]
+    processor = ImageProcessor(size=32)
+    threads = list(processor.stream(sources))
+    monkeypatch.setattr(processing, "_pool", None)  # no threads from here on
+    in_processes = list(processor.stream(sources, processes=True))
+    assert all(torch.equal(a, b) for a, b in zip(in_processes, threads, strict=True))
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="bad.png"):
+        list(processor.stream(sources[:2] + [tmp_path / "bad.png"], processes=True))
+    again = list(processor.stream(sources, processes=True))
+    assert all(torch.equal(a, b) for a, b in zip(again, threads, strict=True))
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
