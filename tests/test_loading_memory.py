@@ -37,3 +37,22 @@ def _sizes(path) -> dict[str, int]:
         with safe_open(shard, "pt") as f:
             sizes.update({k: prod(f.get_slice(k).get_shape()) for k in f.keys()})
     return sizes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_float32_weights_are_mapped_from_the_file_not_copied(tmp_path):
+    import torch
+
+    import blip2
+
+    path = write_checkpoint(tmp_path / "f32", tiny_config("opt"), seed=1)
+    fc1 = lambda m: m.model.vision_model.encoder.layers[0].mlp.fc1.weight  # noqa: E731
+    m = blip2.load(path, dtype="float32")
+    w = fc1(m)
+    regions = [line.split() for line in open("/proc/self/maps")]
+    holding = [r for r in regions if int(r[0].split("-")[0], 16) <= w.data_ptr() < int(r[0].split("-")[1], 16)]
+    assert holding and holding[0][-1].endswith(".safetensors"), holding
+    original = w.clone()
+    with torch.no_grad():
+        w.add_(1.0)  # a private map: the file is not written
+    assert torch.equal(fc1(blip2.load(path, dtype="float32")), original)
