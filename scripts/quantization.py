@@ -129,6 +129,8 @@ def probe(model_dir: str, dtype: str | None, quantize: str | None, vision: bool 
         out["encode_image_ms"] = encode_image_ms(model)
     if logits:
         torch.save(teacher_forced_logits(model), logits)
+    # Weights mapped from the files (float32 on a CPU) are resident only once used: count them then.
+    out["rss_in_use_gib"] = status_bytes("VmRSS") / GiB
     return out
 
 
@@ -177,15 +179,16 @@ def report(model_dir: str, modes: list[str], reference: str | None, speed_steps:
 def markdown(results: list[dict], reference: str | None) -> str:
     base = next((r["decode_ms_per_token"] for r in results if r["mode"] == "bfloat16"
                  and "decode_ms_per_token" in r), None)
-    rows = ["| mode | model RSS (GiB) | RSS after load (GiB) | peak / final | decode ms/token | vs bfloat16 "
-            f"| encode ms/image | rel. logits error vs {reference} | top-1 agreement |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | model RSS (GiB) | RSS after load (GiB) | RSS in use (GiB) | peak / final | decode ms/token "
+            f"| vs bfloat16 | encode ms/image | rel. logits error vs {reference} | top-1 agreement |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ms = r.get("decode_ms_per_token")
         speed = f"{ms:.0f} | {ms / base:.2f}×" if ms and base else (f"{ms:.0f} | –" if ms else "– | –")
         quality = f"{r['relative_error']:.4f} | {r['top1_agreement']:.3f}" if "relative_error" in r else "– | –"
         encode = f"{r['encode_image_ms']:.0f}" if "encode_image_ms" in r else "–"
-        rows.append(f"| {r['mode']} | {r['model_gib']:.2f} | {r['rss_after_load_gib']:.2f} | "
+        in_use = f"{r['rss_in_use_gib']:.2f}" if "rss_in_use_gib" in r else "–"
+        rows.append(f"| {r['mode']} | {r['model_gib']:.2f} | {r['rss_after_load_gib']:.2f} | {in_use} | "
                     f"{r['peak_over_final']:.3f} | {speed} | {encode} | {quality} |")
     return "\n".join(rows)
 
