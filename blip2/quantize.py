@@ -266,8 +266,10 @@ def cpu_int4_layout_known() -> bool:
         return False
     known = theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(portable))
     if not known:
-        log.warning("this torch's CPU int4 layout is not the one blip2 knows: packing through torch's op "
-                    "and int4 products through its kernel (same results, slower loading and image encoding)")
+        log.warning("this torch's CPU int4 layout is not the one blip2 knows (as on CPUs without AVX-512): "
+                    "packing through torch's op and int4 products through its kernel (same results, slower "
+                    "loading and image encoding; without AVX-512 that kernel is not vectorised, so int4 "
+                    "saves memory but is several times slower than float32)")
     return known
 
 
