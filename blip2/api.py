@@ -207,8 +207,8 @@ class Blip2:
         def encode() -> None:
             pixels = torch.stack(list(waiting.values()))
             if self.device.type == "cuda":  # pinned: the copy does not wait for the last chunk's encoding
-                pixels = pixels.pin_memory().to(self.device, non_blocking=True)
-            pixels = pixels.to(self.device)
+                pixels = pixels.pin_memory()
+            pixels = pixels.to(self.device, non_blocking=True)
             if pixels.dtype == torch.uint8:  # resized images: normalised where the model runs
                 pixels = self.image_processor.normalize(pixels)
             found.update(zip(waiting, self.encode_images(pixels)))

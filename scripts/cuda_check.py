@@ -11,6 +11,7 @@ generation running end to end on CUDA. Prints one JSON line per check; exits 1 i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,12 +26,25 @@ from blip2.generation import GenerationConfig  # noqa: E402
 from checkpoints import opt_inputs, pixels, reference, rel_err, t5_inputs, tiny_config, write_checkpoint  # noqa: E402
 
 
+@contextlib.contextmanager
+def _attention(model, products: bool):
+    """Every decoding step's attention as two products (or as the library chooses), on fresh decoding
+    graphs: a kept graph records the attention it was captured with."""
+    default = layers.SINGLE_QUERY_ROWS
+    layers.SINGLE_QUERY_ROWS = 0 if products else default
+    model.model.language_model.__dict__.pop("_kept_graphs", None)
+    try:
+        yield
+    finally:
+        layers.SINGLE_QUERY_ROWS = default
+        model.model.language_model.__dict__.pop("_kept_graphs", None)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dir", type=Path, default=Path("/tmp/cuda-check"))
     args = parser.parse_args()
     ok = True
-    default_rows = layers.SINGLE_QUERY_ROWS
     for lm in ("opt", "t5"):
         # widths the int4 kernel takes (multiples of 128 in, 16 out)
         text = dict(hidden_size=128, ffn_dim=256, num_attention_heads=4) if lm == "opt" else \
@@ -59,20 +73,17 @@ def main() -> int:
             # Three times: the first captures the decoding graph (and runs the encoder eagerly), the
             # next ones reuse the kept graph (and capture, then replay, the encoder's). Then again
             # with every decoding step's attention as two products (what large batches take).
-            for rows, how in ((layers.SINGLE_QUERY_ROWS, ""), (0, ", single-query attention as products")):
-                layers.SINGLE_QUERY_ROWS = rows
-                ours.model.language_model.__dict__.pop("_kept_graphs", None)
+            for products, how in ((False, ""), (True, ", single-query attention as products")):
                 same = []
-                for _ in range(3):
-                    with torch.inference_mode():
-                        mine = ours.model.generate(ours.encode_images(px), ids.cuda(), mask.cuda(),
-                                                   GenerationConfig(num_beams=beams, max_new_tokens=8, min_new_tokens=8))
-                    same.append([h[0].token_ids for h in mine] == new.tolist())
+                with _attention(ours, products):
+                    for _ in range(3):
+                        with torch.inference_mode():
+                            mine = ours.model.generate(ours.encode_images(px), ids.cuda(), mask.cuda(),
+                                                       GenerationConfig(num_beams=beams, max_new_tokens=8, min_new_tokens=8))
+                        same.append([h[0].token_ids for h in mine] == new.tolist())
                 print(json.dumps({"check": f"{lm} {beams}-beam token ids on cuda (fresh, kept graph, kept graph{how})",
                                   "ok": all(same), "each": same}), flush=True)
                 ok &= all(same)
-            layers.SINGLE_QUERY_ROWS = default_rows
-            ours.model.language_model.__dict__.pop("_kept_graphs", None)
         # The graphed vision encoder: 3 images padded to 4, against the eager module on the same 4.
         px3 = pixels(3, 28)
         eager = ours.model.encode_images(torch.cat([px3, px3[:1] * 0]).cuda())[:3]
@@ -93,10 +104,8 @@ def main() -> int:
                 m = blip2.load(path, dtype=half, device="cuda", quantize=quantize)
                 with torch.inference_mode():
                     res = m.model.generate(m.encode_images(px), ids.cuda(), mask.cuda(), GenerationConfig(max_new_tokens=8))
-                    layers.SINGLE_QUERY_ROWS = 0
-                    m.model.language_model.__dict__.pop("_kept_graphs", None)
-                    products = m.model.generate(m.encode_images(px), ids.cuda(), mask.cuda(), GenerationConfig(max_new_tokens=8))
-                    layers.SINGLE_QUERY_ROWS = default_rows
+                    with _attention(m, products=True):
+                        products = m.model.generate(m.encode_images(px), ids.cuda(), mask.cuda(), GenerationConfig(max_new_tokens=8))
                 tokens = [h[0].token_ids for h in res]
                 print(json.dumps({"check": f"{lm} {half} {quantize or 'unquantized'} generate on cuda", "tokens": tokens,
                                   "same_tokens_with_products_attention": tokens == [h[0].token_ids for h in products],
