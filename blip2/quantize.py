@@ -213,29 +213,33 @@ def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
         # The CUDA op takes uint8 [N, K/2] with the even column in the high nibble.
         swapped = (packed << 4) | (packed >> 4)
         return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(packed.shape[1] * 2))
-    # The layout is independent across blocks of 64 rows and the last N % 64 rows: large weights are
-    # packed in slices, to keep temporaries small.
+    # The layout is independent across blocks of rows and the last rows: large weights are packed in
+    # slices, to keep temporaries small.
+    block = cpu_int4_block()
     n = packed.shape[0]
     full = n // 64 * 64
     bounds = [*range(0, full, _ROWS), full] + ([n] if n > full else [])
-    known = cpu_int4_layout_known()
     out = torch.empty_like(packed)
     for a, b in zip(bounds, bounds[1:]):  # bounds rise strictly: no empty slice
-        if known:
-            out[a:b] = _cpu_int4_layout(packed[a:b])
+        if block:
+            out[a:b] = _cpu_int4_layout(packed[a:b], block)
         else:  # torch's op: the same bytes, 4x slower (it takes int32 codes)
             out[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(packed[a:b]), 1)
     return out
 
 
-def _cpu_int4_layout(portable: torch.Tensor) -> torch.Tensor:
+# torch's CPU int4 kernel lays a weight [N, K] out as uint8 [N, K/2]: blocks of B rows (B = 64 with
+# AVX-512, 32 with AVX2: the rows its vector registers hold) stored as [K, B/2] bytes, row d of a block
+# in the low nibble of byte d and row B/2 + d in the high one; then the last N % B rows as
+# [K, (N % B) / 2] bytes, row 2i in the low nibble of byte i and row 2i + 1 in the high one. This is
+# what aten._convert_weight_to_int4pack_for_cpu makes from int32 codes; cpu_int4_block checks it.
+
+
+def _cpu_int4_layout(portable: torch.Tensor, block: int) -> torch.Tensor:
     """Portable nibbles (uint8 [N, K/2], column 2j in the low nibble, 2j + 1 in the high one) to the
-    CPU int4 kernel's layout, uint8 [N, K/2]: blocks of 64 rows as [K, 32] bytes, row d of a block in
-    the low nibble of byte d and row 32 + d in the high one; the last N % 64 rows as
-    [K, (N % 64) / 2] bytes, row 2i in the low nibble of byte i and row 2i + 1 in the high one. The
-    bytes aten._convert_weight_to_int4pack_for_cpu makes from int32 codes (cpu_int4_layout_known)."""
+    CPU int4 kernel's layout with `block` rows a block (see above)."""
     n, half = portable.shape
-    full = n // 64 * 64
+    full = n // block * block
     out = torch.empty_like(portable)
 
     def interleave(lo_rows: torch.Tensor, hi_rows: torch.Tensor, even: torch.Tensor, odd: torch.Tensor) -> None:
@@ -244,8 +248,8 @@ def _cpu_int4_layout(portable: torch.Tensor) -> torch.Tensor:
         odd.copy_(((lo_rows >> 4) | (hi_rows & 0xF0)).transpose(-1, -2))
 
     if full:
-        blocks = portable[:full].view(full // 64, 2, 32, half)  # rows d and 32 + d of each block
-        o = out[:full].view(full // 64, half, 2, 32)
+        blocks = portable[:full].view(full // block, 2, block // 2, half)  # rows d and B/2 + d of each block
+        o = out[:full].view(full // block, half, 2, block // 2)
         interleave(blocks[:, 0], blocks[:, 1], o[:, :, 0], o[:, :, 1])
     if n > full:
         pairs = portable[full:].view((n - full) // 2, 2, half)  # rows 2i and 2i + 1
@@ -255,35 +259,34 @@ def _cpu_int4_layout(portable: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def cpu_int4_layout_known() -> bool:
-    """Whether this torch's CPU int4 layout is the one _cpu_int4_layout writes and
-    _dequantize_cpu_int4_t reads (checked once on a small weight with a tail; if a torch release
-    changes it, packing falls back to torch's op and int4 products to the kernel)."""
+def cpu_int4_block() -> int | None:
+    """The block of rows this torch's CPU int4 layout uses (64 or 32), or None if it is neither
+    layout _cpu_int4_layout writes and _dequantize_cpu_int4_t reads (checked once on a small weight
+    with a tail; if a torch release changes it, packing falls back to torch's op and int4 products to
+    its kernel)."""
     portable = torch.randint(0, 256, (96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     try:
         theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(_unpack_nibbles(portable), 1)
     except (RuntimeError, AttributeError):
-        return False
-    known = theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(portable))
-    if not known:
-        log.warning("this torch's CPU int4 layout is not the one blip2 knows (as on CPUs without AVX-512): "
-                    "packing through torch's op and int4 products through its kernel (same results, slower "
-                    "loading and image encoding; without AVX-512 that kernel is not vectorised, so int4 "
-                    "saves memory but is several times slower than float32)")
-    return known
+        return None
+    for block in (64, 32):
+        if theirs.dtype == torch.uint8 and torch.equal(theirs, _cpu_int4_layout(portable, block)):
+            return block
+    log.warning("this torch's CPU int4 layout is not one blip2 knows: packing through torch's op and "
+                "int4 products through its kernel (same results; loading, prompts and image encoding slower)")
+    return None
 
 
 def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                            out: torch.Tensor) -> torch.Tensor:
-    """Rows of a weight in the CPU int4 kernel's layout, transposed, into `out` [K, R]: (q - 8) * s + z
-    as the kernel computes it, rounded to out's dtype. The rows (a multiple of 64)
-    are uint8 [R, K/2], stored as R/64 blocks of [K, 32] bytes, row d of a block in the low nibble of
-    byte d and row 32 + d in the high one; their scales and zeros are [K/G, R, 2]. Transposed, each
-    group's scale multiplies a contiguous run of R values, which vectorises (3x faster than
-    dequantizing rows)."""
+    """Rows of a weight in the CPU int4 kernel's layout (a multiple of its block), transposed, into
+    `out` [K, R]: (q - 8) * s + z as the kernel computes it, rounded to out's dtype. Their scales and
+    zeros are [K/G, R, 2]. Transposed, each group's scale multiplies a contiguous run of R values,
+    which vectorises (3x faster than dequantizing rows)."""
     k, r = out.shape
-    blocks = packed.view(r // 64, k, 32)
-    out.view(k, r // 64, 2, 32).copy_(torch.stack([blocks & 15, blocks >> 4], 2).transpose(0, 1))
+    block = cpu_int4_block()
+    blocks = packed.view(r // block, k, block // 2)
+    out.view(k, r // block, 2, block // 2).copy_(torch.stack([blocks & 15, blocks >> 4], 2).transpose(0, 1))
     w = out.view(k // group_size, group_size, r).sub_(8)
     sz = scales_and_zeros.to(out.dtype)
     return torch.addcmul(sz[..., 1].contiguous()[:, None], w, sz[..., 0].contiguous()[:, None], out=w).view(k, r)
@@ -353,36 +356,43 @@ class QuantizedLinear(nn.Module):
     def _finish(self, parts: dict[str, torch.Tensor]) -> None:
         for name in ("weight", "scales", "zeros"):
             self._parameters.pop(name, None)
+        cpu = parts["weight"].device.type == "cpu"
+        # The kernels' activation dtype. CUDA tinygemm takes bfloat16 only; torch's CPU kernels are
+        # vectorised for half precision on AVX2 too but multiply float32 one scalar at a time (10-30x
+        # slower), so a float32 model hands them its activations rounded to bfloat16 (products still
+        # sum in float32): README "Precision and quantization" has the measured cost in quality.
+        self.kernel_dtype = torch.bfloat16 if (self.q.mode == "int4" and not cpu) or (
+            cpu and self.dtype == torch.float32) else self.dtype
         if self.q.mode == "int8":
             self.register_buffer("weight", parts["weight"].contiguous())
             self.register_buffer("scales", parts["scales"].to(self.dtype))
+            self.register_buffer("kernel_scales", self.scales.to(self.kernel_dtype))
         else:
             self.register_buffer("weight", parts["weight"])
             sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1)  # [K/G, N, 2]
-            dtype = torch.bfloat16 if self.weight.device.type == "cuda" else self.dtype  # CUDA tinygemm: bf16 only
-            self.register_buffer("scales_and_zeros", sz.to(dtype).contiguous())
+            self.register_buffer("scales_and_zeros", sz.to(self.kernel_dtype).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.dtype)
         cpu = x.device.type == "cpu"
         if cpu and x.shape[0] >= _GEMM_ROWS[self.q.mode] and (
-                self.q.mode == "int8" or self.out_features % 64 == 0 and cpu_int4_layout_known()):
+                self.q.mode == "int8" or cpu_int4_block() and self.out_features % cpu_int4_block() == 0):
             # The CPU kernels work row by row: for many rows (image patches, a prompt) the weight
             # widened to the activations' dtype through the float GEMM is faster (int8 up to 6x, int4
             # on the vision encoder 2.5x).
             y = self._widened_linear(x)
-        elif self.q.mode == "int8":
-            if cpu or x.device.type == "mps":
-                y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales)
-            else:
-                y = F.linear(x, self.weight.to(self.dtype) * self.scales[:, None])
-        elif cpu:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self.weight, self.q.group_size,
-                                                           self.scales_and_zeros)
+        elif self.q.mode == "int8" and not (cpu or x.device.type == "mps"):
+            y = F.linear(x, self.weight.to(self.dtype) * self.scales[:, None])
         else:
-            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), self.weight,
-                                                   self.q.group_size, self.scales_and_zeros).to(self.dtype)
+            xk = x.to(self.kernel_dtype).contiguous()
+            if self.q.mode == "int8":
+                y = torch.ops.aten._weight_int8pack_mm(xk, self.weight, self.kernel_scales)
+            elif cpu:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.weight, self.q.group_size, self.scales_and_zeros)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm(xk, self.weight, self.q.group_size, self.scales_and_zeros)
+            y = y.to(self.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
