@@ -15,7 +15,7 @@ import torch
 from .config import Blip2Config
 from .generation import GenerationConfig
 from .hub import DEFAULT_MODEL, resolve
-from .layers import GraphedCalls, can_pack, pack_linears
+from .layers import PACK_FOR_ROWS, GraphedCalls, can_pack, pack_linears
 from .model import Blip2Model
 from .processing import ImageProcessor, ImageSource, PromptTokenizer
 from .quantize import Quantization, quantize_linears, stored_quantization
@@ -362,9 +362,10 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
             # encoder, where the plain product first copies the bias into every output row (one
             # image 11-17% faster, scripts/cpu_ab.py). A head tied to the embedding stays plain: the
             # embedding reads the same tensor.
+            # float32 decoding is packed for one row, which decodes fastest (see PACK_FOR_ROWS).
             tied = cfg.text.tie_word_embeddings
             pack_linears(model.language_model, lambda name: not (tied and name == "lm_head") and dtype_of(
-                f"language_model.{name}.weight") == dtype)
+                f"language_model.{name}.weight") == dtype, 1 if dtype == torch.float32 else PACK_FOR_ROWS)
             pack_linears(model.vision_model, lambda name: dtype_of(f"vision_model.{name}.weight") == dtype)
     load_weights(model, directory, dtype_of, device)
     model.eval()

@@ -117,26 +117,30 @@ class KVCache:
                 written.index_copy_(1, moved, written.index_select(1, rows[moved]))
 
 
-# The row count oneDNN lays the weight out for. Measured on full-size OPT (bfloat16, AMX): 8 decodes
-# as fast as 1 at batch 1 and up to 1.3x faster at batch 8, and prefills 1.4x faster.
+# The row count oneDNN lays a weight out for. Measured on full-size OPT, bfloat16 on AMX: 8 decodes
+# as fast as 1 at batch 1 and up to 1.3x faster at batch 8, and prefills 1.4x faster. float32 on AVX2
+# (2 cores, fc1-shaped weights): 1 decodes 1.35x faster than 8 at batch 1 and within 1.2x at batch 8
+# (both 2.2-2.7x MKL's plain product at 8 and 48 rows); 8 encodes images best.
 PACK_FOR_ROWS = 8
 _PACKER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="blip2-pack")
 _IN_FLIGHT: collections.deque = collections.deque()
 
 
 class PackedLinear(nn.Module):
-    """A Linear whose weight is packed in oneDNN's blocked layout as it is loaded (CPU bfloat16/float16).
+    """A Linear whose weight is packed in oneDNN's blocked layout, for `rows` rows, as it is loaded (CPU).
 
-    Results are bit-identical to F.linear on the same weights for decoding rows and one image's
-    patches (for thousands of rows oneDNN may sum in another order), and a decode step (one row at a
-    time, bound by reading the weights) runs up to twice as fast: the plain path re-lays out the
-    weight on every call. Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
-    full-size load), keeps peak memory at the final size.
+    In bfloat16/float16 results are bit-identical to F.linear on the same weights for decoding rows
+    and one image's patches (for thousands of rows oneDNN may sum in another order), and a decode step
+    (one row at a time, bound by reading the weights) runs up to twice as fast: the plain path
+    re-lays out the weight on every call. In float32 F.linear is MKL's product, which oneDNN's beats
+    1.35x at one row and 2-2.7x at 8-48 rows on an AVX2 AMD EPYC (results differ in rounding,
+    ~1e-6 relative). Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
+    full-size bfloat16 load), keeps peak memory at the final size.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rows: int = PACK_FOR_ROWS):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.rows = in_features, out_features, rows
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
@@ -146,7 +150,7 @@ class PackedLinear(nn.Module):
             # two wait, so the unpacked copies in flight stay a few tens of MB.
             while len(_IN_FLIGHT) >= 2:
                 _IN_FLIGHT.popleft().result()
-            self._packing = _PACKER.submit(torch.ops.mkldnn._reorder_linear_weight, value, PACK_FOR_ROWS)
+            self._packing = _PACKER.submit(torch.ops.mkldnn._reorder_linear_weight, value, self.rows)
             _IN_FLIGHT.append(self._packing)
             return
         self._parameters[name] = nn.Parameter(value, requires_grad=False)
@@ -164,8 +168,8 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """oneDNN packing pays off for half-precision weights on a CPU that has it."""
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and _onednn_packs(dtype)
+    """oneDNN packing pays off for CPU weights where oneDNN can pack their dtype."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16, torch.float16) and _onednn_packs(dtype)
 
 
 @functools.cache
@@ -181,15 +185,15 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
     return True
 
 
-def pack_linears(module: nn.Module, wanted: Callable[[str], bool], prefix: str = "") -> None:
+def pack_linears(module: nn.Module, wanted: Callable[[str], bool], rows: int = PACK_FOR_ROWS, prefix: str = "") -> None:
     """Replace, in place and before loading, each nn.Linear under `module` whose name `wanted`
-    accepts by a PackedLinear of the same shape."""
+    accepts by a PackedLinear of the same shape, packed for `rows` rows."""
     for name, child in list(module.named_children()):
         full = f"{prefix}{name}"
         if type(child) is nn.Linear and wanted(full):
-            setattr(module, name, PackedLinear(child.in_features, child.out_features, child.bias is not None))
+            setattr(module, name, PackedLinear(child.in_features, child.out_features, child.bias is not None, rows))
         else:
-            pack_linears(child, wanted, full + ".")
+            pack_linears(child, wanted, rows, full + ".")
 
 
 # Decoding graphs kept for the next session of the same shape: what their caches and masks take, at most.

@@ -7,32 +7,38 @@ import torch
 import torch.nn.functional as F
 
 import blip2
-from blip2.layers import KVCache, PackedLinear, can_pack, single_query_attention
-from checkpoints import opt_inputs, pixels, t5_inputs, tiny_config, write_checkpoint
-
-needs_onednn = pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="oneDNN cannot pack half-precision weights on this CPU")
+from blip2.layers import PACK_FOR_ROWS, KVCache, PackedLinear, can_pack, single_query_attention
+from checkpoints import opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 
-@needs_onednn
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("lm", ["opt", "t5"])
-def test_packed_linears_equal_plain_linears(lm, ckpt_root, monkeypatch):
+def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
+    if not can_pack(getattr(torch, dtype), torch.device("cpu")):
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
     cfg = tiny_config(lm, num_decoder_layers=2) if lm == "t5" else tiny_config(lm)
     path = write_checkpoint(ckpt_root / f"packed-{lm}", cfg, seed=41)
-    packed = blip2.load(path, dtype="bfloat16")
+    packed = blip2.load(path, dtype=dtype)
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
     # OPT's head is tied to its embedding and stays plain; Flan-T5's is its own and is packed.
     assert isinstance(packed.model.language_model.lm_head, PackedLinear) == (lm == "t5")
-    assert isinstance(packed.model.vision_model.encoder.layers[0].mlp.fc1, PackedLinear)
+    fc1 = packed.model.vision_model.encoder.layers[0].mlp.fc1
+    assert isinstance(fc1, PackedLinear) and fc1.rows == PACK_FOR_ROWS
+    decoder = [m for m in packed.model.language_model.modules() if isinstance(m, PackedLinear)]
+    assert {m.rows for m in decoder} == {1 if dtype == "float32" else PACK_FOR_ROWS}  # float32 decodes one row
     monkeypatch.setattr(blip2.api, "can_pack", lambda *a: False)
-    plain = blip2.load(path, dtype="bfloat16")
+    plain = blip2.load(path, dtype=dtype)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
     dec = None if lm == "opt" else torch.tensor([[0, 4, 5], [0, 6, 7]])
     px = pixels(2, 28)
-    assert torch.equal(packed.forward(px, ids, mask, dec), plain.forward(px, ids, mask, dec))
+    # Half precision: bit-identical. float32: oneDNN's products round differently from MKL's.
+    same = torch.equal if dtype == "bfloat16" else lambda a, b: rel_err(a, b) < 1e-5
+    assert same(packed.forward(px, ids, mask, dec), plain.forward(px, ids, mask, dec))
     with torch.inference_mode():
         q = packed.model.encode_images(px)
-        assert torch.equal(q, plain.model.encode_images(px))
+        assert same(q, plain.model.encode_images(px))
         gen = blip2.generation.GenerationConfig(num_beams=3, max_new_tokens=6)
         a = packed.model.generate(q, ids, mask, gen)
         b = plain.model.generate(plain.model.encode_images(px), ids, mask, gen)
