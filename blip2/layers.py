@@ -175,11 +175,12 @@ def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
 @functools.cache
 def _onednn_packs(dtype: torch.dtype) -> bool:
     # oneDNN packs half-precision weights only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: an AVX2
-    # CPU (AMD EPYC before Zen 4, say) raises, and then the plain product is the one to use.
+    # CPU (AMD EPYC before Zen 4, say) raises, and then the plain product is the one to use. The probe
+    # names its device: load() asks while building the model under torch.device("meta").
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
     try:
-        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), PACK_FOR_ROWS)
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype, device="cpu"), PACK_FOR_ROWS)
     except RuntimeError:
         return False
     return True
