@@ -164,7 +164,9 @@ def report(model_dir: str, modes: list[str], reference: str | None, speed_steps:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = logits_dir or tmp
         done = reference is None or Path(f"{tmp}/{reference}.pt").exists()
-        order = ([] if done else [reference]) + [m for m in modes if m != reference or not done]
+        # The reference first (its logits are what the others compare with), unless they are kept
+        # already and it is not one of the modes asked for.
+        order = ([reference] if reference and (not done or reference in modes) else []) + modes
         for mode in dict.fromkeys(order):
             label = mode.split("=")[0]
             print(f"probing {label} ...", file=sys.stderr, flush=True)
@@ -180,7 +182,7 @@ def markdown(results: list[dict], reference: str | None) -> str:
     base = next((r["decode_ms_per_token"] for r in results if r["mode"] == "bfloat16"
                  and "decode_ms_per_token" in r), None)
     rows = ["| mode | model RSS (GiB) | RSS after load (GiB) | RSS in use (GiB) | peak / final | decode ms/token "
-            f"| vs bfloat16 | encode ms/image | rel. logits error vs {reference} | top-1 agreement |",
+            f"| vs bfloat16 | encode ms/image | rel. logits error vs {reference or '–'} | top-1 agreement |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ms = r.get("decode_ms_per_token")
