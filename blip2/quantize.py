@@ -214,7 +214,7 @@ def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
         swapped = (packed << 4) | (packed >> 4)
         return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(packed.shape[1] * 2))
     # The layout is independent across blocks of rows and the last rows: large weights are packed in
-    # slices, to keep temporaries small.
+    # slices of multiples of 64 rows (whole blocks in either layout), to keep temporaries small.
     block = cpu_int4_block()
     n = packed.shape[0]
     full = n // 64 * 64
