@@ -361,8 +361,8 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
             # Packing pays where the weights are read once per row (decoding), and in the vision
             # encoder, where the plain product first copies the bias into every output row (one
             # image 11-17% faster, scripts/cpu_ab.py). A head tied to the embedding stays plain: the
-            # embedding reads the same tensor.
-            # float32 decoding is packed for one row, which decodes fastest (see PACK_FOR_ROWS).
+            # embedding reads the same tensor. A float32 language model is packed for one row, which
+            # decodes fastest (see PACK_FOR_ROWS).
             tied = cfg.text.tie_word_embeddings
             pack_linears(model.language_model, lambda name: not (tied and name == "lm_head") and dtype_of(
                 f"language_model.{name}.weight") == dtype, 1 if dtype == torch.float32 else PACK_FOR_ROWS)

@@ -3,10 +3,10 @@
 Each tensor is read from disk, converted to its final dtype and device, and placed; the model is
 never held twice (a float32 checkpoint loaded as bfloat16 never exists in float32 in memory).
 A safetensors tensor already in the dtype the model wants, for a CPU model, is not copied: the
-parameter is a private (copy-on-write) memory map of its bytes, as `transformers` does, so a float32
-model loads in a second or two, its pages are read on first use and share the page cache instead of
-doubling it. Tensors that are converted are read through a private map of just their bytes, dropped
-once converted.
+parameter is a private (copy-on-write) memory map of its bytes, as `transformers` does: its pages are
+read on first use and share the page cache instead of doubling it (a module that packs what it loads,
+like layers.PackedLinear, makes its own copy from the map). Tensors that are converted are read
+through a private map of just their bytes, dropped once converted.
 """
 
 from __future__ import annotations
