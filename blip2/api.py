@@ -205,9 +205,13 @@ class Blip2:
         waiting: dict[bytes, torch.Tensor] = {}
 
         def encode() -> None:
-            pixels = torch.stack(list(waiting.values()))
-            if self.device.type == "cuda":  # pinned: the copy does not wait for the last chunk's encoding
-                pixels = pixels.pin_memory()
+            # Gathered by numpy on this thread, on a GPU into pinned memory (so that the copy does not
+            # wait for the last chunk's encoding): torch's copies run on its thread pool, whose threads
+            # wait for cores that the image workers hold (a stack of 32 took up to 0.2 s; BENCHMARKS.md).
+            rows = list(waiting.values())
+            pixels = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype,
+                                 pin_memory=self.device.type == "cuda")
+            np.stack([r.numpy() for r in rows], out=pixels.numpy())
             pixels = pixels.to(self.device, non_blocking=True)
             if pixels.dtype == torch.uint8:  # resized images: normalised where the model runs
                 pixels = self.image_processor.normalize(pixels)

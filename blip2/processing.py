@@ -21,6 +21,7 @@ import io
 import json
 import multiprocessing
 import os
+import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -246,15 +247,34 @@ class ImageProcessor:
         return _pool().map(lambda image: self.resized(load_image(image)), images)
 
     def _in_processes(self, images: Sequence[ImageSource]) -> Iterator[torch.Tensor]:
-        try:
-            for array in _process_pool().map(self._resized_array, images, chunksize=4):
-                yield torch.from_numpy(array)
-        except concurrent.futures.process.BrokenProcessPool:
-            _process_pool.cache_clear()  # a worker died (killed, out of memory): the next batch gets a new pool
-            raise
+        # Workers write their images into one file in memory (/dev/shm) and send back only their
+        # index. Sending the pixels through the pool's pipes (38 MB for 256 images) had a thread of
+        # this process read and unpickle them while holding the GIL, which kept the main thread from
+        # feeding the GPU: the first chunk's encoding waited 0.2 s (BENCHMARKS.md, GPU run 5).
+        shape = (3, self.size, self.size)
+        nbytes = 3 * self.size * self.size
+        with tempfile.NamedTemporaryFile(dir=_memory_dir(nbytes * len(images)), prefix="blip2-images-") as buffer:
+            buffer.truncate(nbytes * len(images))
+            work = functools.partial(_resize_into, self, buffer.name)
+            try:
+                for i in _process_pool().map(work, range(len(images)), images, chunksize=4):
+                    row = torch.empty(shape, dtype=torch.uint8)
+                    os.preadv(buffer.fileno(), [row.numpy()], i * nbytes)
+                    yield row
+            except concurrent.futures.process.BrokenProcessPool:
+                _process_pool.cache_clear()  # a worker died (killed, out of memory): the next batch gets a new pool
+                raise
 
-    def _resized_array(self, image: ImageSource) -> np.ndarray:  # runs in a worker process
-        return self.resized(load_image(image)).numpy()
+
+def _resize_into(processor: ImageProcessor, path: str, i: int, image: ImageSource) -> int:
+    """In a worker process: image i resized, written at its place in the batch's file."""
+    row = processor.resized(load_image(image)).numpy()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, row, i * row.nbytes)
+    finally:
+        os.close(fd)
+    return i
 
 
 @functools.cache
@@ -262,6 +282,16 @@ def _per_channel(values: tuple[float, ...], device: torch.device) -> torch.Tenso
     # Made once per device: a tensor built from Python numbers on a GPU is a copy that waits for
     # all queued work (the last chunk's encoding), which stalled a 256-image batch for 0.27 s.
     return torch.tensor(values, dtype=torch.float32, device=device)[:, None, None]
+
+
+def _memory_dir(nbytes: int) -> str | None:
+    """/dev/shm when it has room for twice `nbytes` (a container's is often 64 MB), else the
+    temporary directory (on disk, but in the page cache for as long as a batch lasts)."""
+    try:
+        free = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if free.f_bavail * free.f_frsize >= 2 * nbytes else None
 
 
 _SENDABLE = (str, os.PathLike, bytes, bytearray)  # cheap to send to a worker; decoded images are not

@@ -1,13 +1,24 @@
-"""A/B measurements on a GPU, in one process, for choices the profile (scripts/gpu_profile.py) raised:
+"""A/B measurements on a GPU, in one process, for choices the profile (scripts/gpu_profile.py) raised.
+Sections (--only):
 
-- preparing a large batch of images and encoding it (the library's path, `Blip2.image_queries` of
-  `ImageProcessor.stream`): on threads or on forked worker processes (the main thread must win the
-  GIL to feed the GPU); and encoding the prepared batch at once or in chunks of GPU_ENCODE_BATCH;
-- the decoding step at batch 1 to 256: attention through torch's fused kernel (SDPA) or, for a
-  single query, as two batched products (`layers.single_query_attention`, float32 scores; and the
-  same with half-precision scores), with each one's logits error; the kernels of a batch-256 step.
+- `images`: preparing a large batch of images and encoding it (the library's path,
+  `Blip2.image_queries` of `ImageProcessor.stream`) on threads or on forked worker processes (the
+  main thread must win the GIL to feed the GPU); encoding the prepared batch at once or in chunks;
+- `stall`: when, preparing 256 images on processes and encoding them as they come, each chunk
+  arrives and is handed to the GPU, with a cProfile of the main thread;
+- `attention`: the decoding step at batch 1 to 256, attention through torch's fused kernel (SDPA)
+  or, for a single query, as two batched products (`layers.single_query_attention`, float32 scores;
+  and with half-precision scores), with each one's logits error; the kernels of a batch-256 step;
+- `encoder`: the vision encoder's layers, eager or through torch.compile (fused layer norms,
+  activation and residual adds around the vendor GEMMs), its compile time and outputs' difference,
+  and the kernels of a chunk either way;
+- `int8`: weight-only products of OPT-2.7b's shapes at 1-256 rows: int8 as the library computes it
+  (weight widened, scales on the float32 output), with the scales on a float16 output, that through
+  torch.compile, against float16's product and int4's (tinygemm);
+- `overlap`: encoding images on a second CUDA stream while a batch decodes on the first: whether
+  the compute-bound encoder and the memory-bound decoding step overlap.
 
-    python scripts/gpu_ab.py --model ~/.cache/blip2/bench/opt-2.7b [--json out.json]
+    python scripts/gpu_ab.py --model ~/.cache/blip2/bench/opt-2.7b [--only images,stall,...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,6 +49,178 @@ def _half_scores(q, k, v, mask):
     return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
+def _vit_layer(x, ln1w, ln1b, qkvw, qkvb, pw, pb, ln2w, ln2b, f1w, f1b, f2w, f2b, heads: int, eps: float):
+    """vision.VisionLayer.forward (GELU activation) as a function of its weights, so that one
+    compiled graph serves every layer."""
+    b, n, d = x.shape
+    q, k, v = F.linear(F.layer_norm(x, (d,), ln1w, ln1b, eps), qkvw, qkvb).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    x = x + F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d), pw, pb)
+    return x + F.linear(F.gelu(F.linear(F.layer_norm(x, (d,), ln2w, ln2b, eps), f1w, f1b)), f2w, f2b)
+
+
+def _layer_weights(layer) -> tuple:
+    a, mlp = layer.self_attn, layer.mlp
+    ps = (layer.layer_norm1.weight, layer.layer_norm1.bias, a.qkv.weight, a.qkv.bias, a.projection.weight,
+          a.projection.bias, layer.layer_norm2.weight, layer.layer_norm2.bias, mlp.fc1.weight, mlp.fc1.bias,
+          mlp.fc2.weight, mlp.fc2.bias)
+    return tuple(p.detach() for p in ps)
+
+
+def encoder_ab(m, px, seconds, cuda: bool) -> dict[str, object]:
+    """The vision encoder's layers on one chunk: eager (as the library runs them) or compiled."""
+    out: dict[str, object] = {}
+    vm = m.model.vision_model
+    cfg = m.config.vision
+    weights = [_layer_weights(layer) for layer in vm.encoder.layers]
+    with torch.inference_mode():
+        x0 = vm.embeddings(px)
+
+        def run(block):
+            x = x0
+            for w in weights:
+                x = block(x, *w, cfg.num_attention_heads, cfg.layer_norm_eps)
+            return x
+
+        def library():
+            x = x0
+            for layer in vm.encoder.layers:
+                x = layer(x)
+            return x
+
+        ref = library().double()
+        out["eager_layers_s"] = seconds(library)
+        out["functional_rel_err"] = float((run(_vit_layer).double() - ref).norm() / ref.norm())
+        if cuda:
+            out["eager_kernels"] = kernel_profile(library, steps=2)
+        compiled = torch.compile(_vit_layer, dynamic=False)
+        t0 = time.perf_counter()
+        y = run(compiled)
+        if cuda:
+            torch.cuda.synchronize()
+        out["compile_s"] = time.perf_counter() - t0
+        out["compiled_rel_err"] = float((y.double() - ref).norm() / ref.norm())
+        out["compiled_layers_s"] = seconds(lambda: run(compiled))
+        if cuda:
+            out["compiled_kernels"] = kernel_profile(lambda: run(compiled), steps=2)
+    return out
+
+
+def _graphed_ms(fn, calls: int = 20) -> float:
+    """Milliseconds per call of fn, `calls` of them captured in one CUDA graph and replayed (no launch cost)."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[2] / calls
+
+
+def _int8_out_scaled(x, w, s):
+    return F.linear(x, w.to(x.dtype)) * s
+
+
+def int8_ab(dtype: torch.dtype, device: str = "cuda") -> dict[str, object]:
+    """Weight-only products of OPT-2.7b's shapes on CUDA, ms per product (graphed), per row count."""
+    from blip2.quantize import Quantization, QuantizedLinear
+
+    out: dict[str, object] = {}
+    torch._dynamo.config.recompile_limit = 64  # one compilation per shape
+    compiled = torch.compile(_int8_out_scaled, dynamic=False)
+    torch.manual_seed(0)
+    for name, (n, k) in {"fc1": (10240, 2560), "fc2": (2560, 10240), "q": (2560, 2560)}.items():
+        w = torch.randn(n, k, device=device) / k ** 0.5
+        layers_ = {}
+        for mode in ("int8", "int4"):
+            ql = QuantizedLinear(k, n, False, Quantization(mode), dtype)
+            ql.load_parameter("weight", w)
+            layers_[mode] = ql
+        q8 = layers_["int8"]
+        wh = w.to(dtype)
+        for rows in (1, 16, 64, 256):
+            x = torch.randn(rows, k, device=device, dtype=dtype)
+            ref = F.linear(x.double(), q8.weight.double() * q8.scales.double()[:, None])
+            variants = {
+                "float": lambda: F.linear(x, wh),
+                "int8_library": lambda: q8(x),
+                "int8_out_scaled": lambda: _int8_out_scaled(x, q8.weight, q8.scales),
+                "int8_compiled": lambda: compiled(x, q8.weight, q8.scales),
+                "int4_library": lambda: layers_["int4"](x),
+            }
+            row: dict[str, object] = {}
+            with torch.inference_mode():
+                for v, fn in variants.items():
+                    try:
+                        t0 = time.perf_counter()
+                        y = fn()
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                        first = time.perf_counter() - t0
+                        row[f"{v}_ms"] = _graphed_ms(fn) if device == "cuda" else None
+                        if v.startswith("int8"):
+                            row[f"{v}_rel_err"] = float((y.double() - ref).norm() / ref.norm())
+                        if first > 1:
+                            row[f"{v}_first_call_s"] = first
+                    except Exception as e:  # report and go on: the others still tell
+                        row[v] = f"{type(e).__name__}: {str(e)[:300]}"
+            out[f"{name}_rows{rows}"] = row
+            print(json.dumps({f"{name}_rows{rows}": row}), flush=True)
+    return out
+
+
+def overlap_ab(m, px, seconds, batch: int = 256, steps: int = 20) -> dict[str, object]:
+    """Encoding 4 chunks of images on a side stream while `steps` decoding steps of a `batch` batch
+    replay on the main one, against each alone."""
+    out: dict[str, object] = {}
+    gen = GenerationConfig(max_new_tokens=20, min_new_tokens=20)
+    with torch.inference_mode():
+        queries = m.encode_images(px[:batch])
+        tokens = m.tokenizer([PROMPT] * batch, max_length=m.max_prompt_tokens(gen))
+        ids, mask = tokens.input_ids.to(m.device), tokens.attention_mask.to(m.device)
+        embeds, full = m.model.embed_inputs(queries, ids, mask)
+        s = OPTSession(m.model.language_model, embeds, full, 1, steps + 4)
+        tok = s.prefill().argmax(-1)
+        start_slot, start_pos = int(s.slot), s.next_pos.clone()
+
+        def decode():
+            s.slot.fill_(start_slot)  # back to the first new position: each run decodes the same steps
+            s.next_pos.copy_(start_pos)
+            s.valid[:, start_slot:] = False
+            for _ in range(steps):
+                s.step(tok)
+
+        chunks = px[:4 * GPU_ENCODE_BATCH].split(GPU_ENCODE_BATCH)
+        encode = lambda: [m.encode_images(c) for c in chunks]  # noqa: E731
+        out["decode_s"] = seconds(decode)
+        out["encode_s"] = seconds(encode)
+        out["sequential_s"] = out["decode_s"] + out["encode_s"]
+        for name, prio in (("side_stream", 0), ("side_stream_decode_high_priority", -1)) if px.is_cuda else ():
+            side = torch.cuda.Stream()
+            main = torch.cuda.Stream(priority=prio) if prio else torch.cuda.current_stream()
+
+            def both():
+                here = torch.cuda.current_stream()
+                side.wait_stream(here)
+                main.wait_stream(here)
+                with torch.cuda.stream(side):
+                    encode()
+                with torch.cuda.stream(main):
+                    decode()
+                here.wait_stream(side)
+                here.wait_stream(main)
+
+            out[f"both_{name}_s"] = seconds(both)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, required=True)
@@ -43,16 +228,47 @@ def main() -> int:
     parser.add_argument("--images", type=Path, default=Path("/tmp/blip2-profile-images"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16")
+    parser.add_argument("--only", default="images,attention,encoder,int8,overlap,stall")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    only = set(args.only.split(","))
     cuda = args.device == "cuda"
     seconds = timer(cuda, 3)
 
     out: dict[str, object] = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
+
+    def save() -> None:
+        print(json.dumps(out, indent=1), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+    if "int8" in only:  # no model needed: first, so that a later failure keeps it
+        out["int8"] = int8_ab(getattr(torch, args.dtype), args.device)
+        save()
     m = blip2.load(args.model, dtype=args.dtype, device=args.device)
     files = write_images(args.images, max(batches))
+    px = m.pixel_values(files).to(args.device)
+    if "encoder" in only:
+        out["encoder"] = encoder_ab(m, px[:GPU_ENCODE_BATCH], seconds, cuda)
+        save()
+    if "overlap" in only:
+        out["overlap"] = overlap_ab(m, px, seconds, batch=max(batches))
+        save()
 
+    if cuda and "stall" in only:
+        out["stall"] = stall_ab(m, files, seconds)
+        save()
+    if "images" in only:
+        images_ab(m, files, px, seconds, out)
+        save()
+    if "attention" in only:
+        attention_ab(m, px, batches, seconds, cuda, args.device, out)
+    save()
+    return 0
+
+
+def images_ab(m, files, px, seconds, out) -> None:
     # Images: prepared on threads or processes and encoded as they come; encoding alone, at once or in chunks.
     def prepare_and_encode(processes):
         m._queries.clear()
@@ -62,11 +278,76 @@ def main() -> int:
         name = "processes" if processes else "threads"
         out[f"prep_{name}_s"] = seconds(lambda: list(m.image_processor.stream(files, processes=processes)))
         out[f"prep_encode_{name}_s"] = seconds(lambda: prepare_and_encode(processes))
-    px = m.pixel_values(files).to(args.device)
     out["encode_at_once_s"] = seconds(lambda: m.encode_images(px))
     out["encode_in_chunks_s"] = seconds(lambda: [m.encode_images(c) for c in px.split(GPU_ENCODE_BATCH)])
-    print(json.dumps(out), flush=True)
 
+
+def stall_ab(m, files, seconds) -> dict[str, object]:
+    """Why preparing 256 images on processes and encoding them as they come takes longer than the
+    slower of the two: when each chunk of images arrives and is handed to the GPU (host time spent in
+    the call), a cProfile of the main thread, and two variants (no pinned memory, chunks of 64)."""
+    import cProfile
+    import io
+    import pstats
+
+    import blip2.api as api
+
+    out: dict[str, object] = {}
+    arrivals: list[float] = []
+    calls: list[tuple[float, float]] = []
+    start = [0.0]
+    encode = m.encode_images
+
+    def timed_encode(pixels):
+        t0 = time.perf_counter()
+        result = encode(pixels)
+        calls.append((round(t0 - start[0], 4), round(time.perf_counter() - t0, 4)))
+        return result
+
+    def stream():
+        for i, row in enumerate(m.image_processor.stream(files, processes=True)):
+            if i % 32 == 31:
+                arrivals.append(round(time.perf_counter() - start[0], 4))
+            yield row
+
+    def prepare_and_encode():
+        m._queries.clear()
+        start[0] = time.perf_counter()
+        return m.image_queries(stream())
+
+    prepare_and_encode(), prepare_and_encode()
+    out["prep_encode_s"] = seconds(prepare_and_encode)
+    m.encode_images = timed_encode
+    arrivals.clear()
+    prepare_and_encode()
+    torch.cuda.synchronize()
+    out["done_s"] = time.perf_counter() - start[0]
+    out["chunk_arrivals_s"], out["encode_calls_start_and_host_s"] = arrivals, calls
+    del m.encode_images
+    profile = cProfile.Profile()
+    profile.enable()
+    prepare_and_encode()
+    torch.cuda.synchronize()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(20)
+    out["cprofile_tottime"] = text.getvalue()[-5000:]
+    pin = torch.Tensor.pin_memory
+    torch.Tensor.pin_memory = lambda self: self
+    try:
+        out["no_pinned_memory_s"] = seconds(prepare_and_encode)
+    finally:
+        torch.Tensor.pin_memory = pin
+    api.GPU_ENCODE_BATCH = 64
+    try:
+        prepare_and_encode(), prepare_and_encode()
+        out["chunks_of_64_s"] = seconds(prepare_and_encode)
+    finally:
+        api.GPU_ENCODE_BATCH = 32
+    return out
+
+
+def attention_ab(m, px, batches, seconds, cuda, device, out) -> None:
     # The decoding step: attention through SDPA or as two products (float32 or half-precision scores).
     gen = GenerationConfig(max_new_tokens=20, min_new_tokens=20)
     default_rows, products = layers.SINGLE_QUERY_ROWS, layers.single_query_attention
@@ -74,7 +355,7 @@ def main() -> int:
     for batch in batches:
         queries = m.encode_images(px[:batch])
         tokens = m.tokenizer([PROMPT] * batch, max_length=m.max_prompt_tokens(gen))
-        ids, mask = tokens.input_ids.to(args.device), tokens.attention_mask.to(args.device)
+        ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
         for variant, (rows, fn) in variants.items():
             layers.SINGLE_QUERY_ROWS, layers.single_query_attention = rows, fn
             m.model.language_model.__dict__.pop("_kept_graphs", None)
@@ -95,10 +376,6 @@ def main() -> int:
             s = OPTSession(m.model.language_model, embeds, full, 1, 60)
             tok = s.prefill().argmax(-1)
             out[f"b{batch}_kernels"] = kernel_profile(lambda: s._step(tok), steps=3)
-    print(json.dumps(out, indent=1))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -138,6 +138,13 @@ def test_images_prepared_in_worker_processes_equal_threads(tmp_path: Path, monke
     monkeypatch.setattr(processing, "_pool", None)  # no threads from here on
     in_processes = list(processor.stream(sources, processes=True))
     assert all(torch.equal(a, b) for a, b in zip(in_processes, threads, strict=True))
+    # The workers' file: in /dev/shm only when it has room, and gone once the batch is read.
+    assert processing._memory_dir(1 << 60) is None
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    monkeypatch.setattr(processing, "_memory_dir", lambda nbytes: str(meeting))
+    assert all(torch.equal(a, b) for a, b in zip(processor.stream(sources, processes=True), threads, strict=True))
+    assert not list(meeting.iterdir())
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ImageError, match="bad.png"):
         list(processor.stream(sources[:2] + [tmp_path / "bad.png"], processes=True))
