@@ -14,7 +14,8 @@ Sections (--only):
   and the kernels of a chunk either way;
 - `int8`: weight-only products of OPT-2.7b's shapes at 1-256 rows: int8 as the library computes it
   (weight widened, scales on the float32 output), with the scales on a float16 output, that through
-  torch.compile, against float16's product and int4's (tinygemm);
+  torch.compile (default and, at few rows, max-autotune), against float16's product and int4's
+  (tinygemm);
 - `overlap`: encoding images on a second CUDA stream while a batch decodes on the first: whether
   the compute-bound encoder and the memory-bound decoding step overlap.
 
@@ -135,6 +136,9 @@ def int8_ab(dtype: torch.dtype, device: str = "cuda") -> dict[str, object]:
     out: dict[str, object] = {}
     torch._dynamo.config.recompile_limit = 64  # one compilation per shape
     compiled = torch.compile(_int8_out_scaled, dynamic=False)
+    # max-autotune may pick a Triton template that widens the int8 weight as it loads it (a fused
+    # prologue); autotuning takes seconds per shape, so only for decoding's few rows.
+    autotuned = torch.compile(_int8_out_scaled, dynamic=False, mode="max-autotune-no-cudagraphs")
     torch.manual_seed(0)
     for name, (n, k) in {"fc1": (10240, 2560), "fc2": (2560, 10240), "q": (2560, 2560)}.items():
         w = torch.randn(n, k, device=device) / k ** 0.5
@@ -153,6 +157,7 @@ def int8_ab(dtype: torch.dtype, device: str = "cuda") -> dict[str, object]:
                 "int8_library": lambda: q8(x),
                 "int8_out_scaled": lambda: _int8_out_scaled(x, q8.weight, q8.scales),
                 "int8_compiled": lambda: compiled(x, q8.weight, q8.scales),
+                **({"int8_autotuned": lambda: autotuned(x, q8.weight, q8.scales)} if rows <= 16 else {}),
                 "int4_library": lambda: layers_["int4"](x),
             }
             row: dict[str, object] = {}
