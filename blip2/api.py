@@ -206,8 +206,9 @@ class Blip2:
 
         def encode() -> None:
             # Gathered by numpy on this thread, on a GPU into pinned memory (so that the copy does not
-            # wait for the last chunk's encoding): torch's copies run on its thread pool, whose threads
-            # wait for cores that the image workers hold (a stack of 32 took up to 0.2 s; BENCHMARKS.md).
+            # wait for the last chunk's encoding): torch's CPU copies run on its thread pool, whose
+            # threads wait for cores that the image workers hold (on the H100 host the first chunk's
+            # encoding started 0.2 s after its images were ready; BENCHMARKS.md, GPU run 5).
             rows = list(waiting.values())
             pixels = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype,
                                  pin_memory=self.device.type == "cuda")

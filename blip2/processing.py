@@ -248,9 +248,9 @@ class ImageProcessor:
 
     def _in_processes(self, images: Sequence[ImageSource]) -> Iterator[torch.Tensor]:
         # Workers write their images into one file in memory (/dev/shm) and send back only their
-        # index. Sending the pixels through the pool's pipes (38 MB for 256 images) had a thread of
-        # this process read and unpickle them while holding the GIL, which kept the main thread from
-        # feeding the GPU: the first chunk's encoding waited 0.2 s (BENCHMARKS.md, GPU run 5).
+        # index: through the pool's pipes, a thread of this process read and unpickled the pixels
+        # (38 MB for 256 images, 0.11 s) under the GIL that the thread feeding the GPU needs. 256
+        # images prepared and encoded on an H100 host: 0.65 -> 0.58 s (BENCHMARKS.md, GPU run 5).
         shape = (3, self.size, self.size)
         nbytes = 3 * self.size * self.size
         with tempfile.NamedTemporaryFile(dir=_memory_dir(nbytes * len(images)), prefix="blip2-images-") as buffer:
