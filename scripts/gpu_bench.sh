@@ -2,7 +2,7 @@
 # Every GPU figure of BENCHMARKS.md in one go, for a lent GPU (about 7 minutes on an H100):
 # parity on CUDA, OPT (float16, with our int8/int4 variants) and Flan-T5 (bfloat16) side by side with
 # transformers at batch 1, 8, 32 and 256, then the open questions' A/B (where a batch of images
-# stalls; int8 products). Logs and raw JSON go to OUTDIR; each step has a time limit, and the whole
+# stalls; int8 products) and where Flan-T5's time goes (its decoding step's kernels). Logs and raw JSON go to OUTDIR; each step has a time limit, and the whole
 # run stops starting steps after BUDGET seconds (default 540: a 15-minute lease, with its start).
 #
 #     bash scripts/gpu_bench.sh OUTDIR
@@ -36,3 +36,5 @@ run make 120 python3 -m blip2.bench make --model flan-t5-xl --dir "$dir"
 run bench_t5 150 python3 -m blip2.bench run --model flan-t5-xl --device cuda --dtype bfloat16 --repeat 1 \
     --batches 8,32,256 --dir "$dir" --json "$out/bench_t5.json"
 grep '^|' "$out/bench_t5.log"
+run profile_t5 90 python3 scripts/gpu_profile.py --model "$dir/flan-t5-xl" --dtype bfloat16 --batch 256 \
+    --json "$out/profile_t5.json"
