@@ -12,10 +12,10 @@ Sections (--only):
 - `encoder`: the vision encoder's layers, eager or through torch.compile (fused layer norms,
   activation and residual adds around the vendor GEMMs), its compile time and outputs' difference,
   and the kernels of a chunk either way;
-- `int8`: weight-only products of OPT-2.7b's shapes at 1-256 rows: int8 as the library computes it
+- `int8`: weight-only products of OPT-2.7b's shapes at 1-2048 rows: int8 as the library computes it
   (weight widened, scales on the float32 output), with the scales on a float16 output, that through
   torch.compile (default and, at few rows, max-autotune), against float16's product and int4's
-  (tinygemm);
+  (tinygemm); and what unpacking an int4 weight from tinygemm's layout costs (for many rows);
 - `overlap`: encoding images on a second CUDA stream while a batch decodes on the first: whether
   the compute-bound encoder and the memory-bound decoding step overlap.
 
@@ -147,18 +147,29 @@ def int8_ab(dtype: torch.dtype, device: str = "cuda") -> dict[str, object]:
             ql = QuantizedLinear(k, n, False, Quantization(mode), dtype)
             ql.load_parameter("weight", w)
             layers_[mode] = ql
-        q8 = layers_["int8"]
+        q8, q4 = layers_["int8"], layers_["int4"]
         wh = w.to(dtype)
-        for rows in (1, 16, 64, 256):
+        if device == "cuda":
+            # int4 for many rows: the whole weight back from tinygemm's layout, as the product of an
+            # identity (what torchao does to unpack it), then cuBLAS; that unpacking's cost, once.
+            eye = torch.eye(k, device=device, dtype=torch.bfloat16)
+            unpack = lambda: torch.ops.aten._weight_int4pack_mm(  # noqa: E731
+                eye, q4.weight, q4.q.group_size, q4.scales_and_zeros)
+            try:
+                with torch.inference_mode():
+                    out[f"{name}_int4_unpack_ms"] = _graphed_ms(unpack, calls=5)
+            except Exception as e:  # report and go on
+                out[f"{name}_int4_unpack_ms"] = f"{type(e).__name__}: {str(e)[:300]}"
+        for rows in (1, 16, 64, 256, 2048):
             x = torch.randn(rows, k, device=device, dtype=dtype)
             ref = F.linear(x.double(), q8.weight.double() * q8.scales.double()[:, None])
             variants = {
                 "float": lambda: F.linear(x, wh),
                 "int8_library": lambda: q8(x),
                 "int8_out_scaled": lambda: _int8_out_scaled(x, q8.weight, q8.scales),
-                "int8_compiled": lambda: compiled(x, q8.weight, q8.scales),
                 **({"int8_autotuned": lambda: autotuned(x, q8.weight, q8.scales)} if rows <= 16 else {}),
-                "int4_library": lambda: layers_["int4"](x),
+                **({"int8_compiled": lambda: compiled(x, q8.weight, q8.scales)} if rows <= 256 else {}),
+                "int4_library": lambda: q4(x),
             }
             row: dict[str, object] = {}
             with torch.inference_mode():
