@@ -203,9 +203,15 @@ def _quantize(args: argparse.Namespace) -> int:
     from .quantize import GROUP_SIZE, Quantization, write_quantized
 
     q = Quantization(args.mode, args.group_size or GROUP_SIZE, vision=not args.no_vision)
+    images, errors = expand_images(args.calibrate or [])
+    for error in errors:
+        _err(error)
+    if errors:
+        return 2
     start = time.perf_counter()
-    print(f"quantizing {args.src} to {args.mode} ...", file=sys.stderr, flush=True)
-    shards = write_quantized(resolve(args.src), Path(args.dst), q)
+    how = f"GPTQ on {len(images)} image{'s' * (len(images) != 1)}" if images else "rounded to nearest"
+    print(f"quantizing {args.src} to {args.mode} ({how}) ...", file=sys.stderr, flush=True)
+    shards = write_quantized(resolve(args.src), Path(args.dst), q, images, args.device)
     size = sum(p.stat().st_size for p in shards) / 1e9
     print(f"wrote {args.dst} ({len(shards)} shards, {size:.2f} GB) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr, flush=True)
@@ -266,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--int4", dest="mode", action="store_const", const="int4", help="int4, a scale and zero per group")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default)")
     p.add_argument("--no-vision", action="store_true", help="keep the vision encoder unquantized")
+    p.add_argument("--calibrate", nargs="+", metavar="IMAGE",
+                   help="quantize by GPTQ on these images (files, directories, globs), not to nearest")
+    p.add_argument("--device", default="cpu", help="where calibration runs (cpu, cuda)")
     p.set_defaults(run=_quantize)
 
     p = sub.add_parser("bench", add_help=False, help="the side-by-side benchmark against transformers "

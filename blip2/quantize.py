@@ -25,6 +25,7 @@ import functools
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -468,11 +469,15 @@ def quantize_linears(model: nn.Module, q: Quantization, dtype_of, prequantized: 
 _SHARD_BYTES = 2 * 10**9
 
 
-def write_quantized(src: Path, dst: Path, q: Quantization) -> list[Path]:
+def write_quantized(src: Path, dst: Path, q: Quantization, calibration: Sequence = (),
+                    device: str = "cpu") -> list[Path]:
     """Write the checkpoint in `src` to the new directory `dst` with the target Linear weights in
     portable quantized form, one tensor at a time, in safetensors shards of at most 2 GB (other tensors
     as stored); config.json gains a "quantization" entry; the tokenizer and processor files are
-    copied. Returns the shard paths."""
+    copied. Returns the shard paths.
+
+    calibration: images (anything `load_image` takes); when given, the layers are quantized by GPTQ
+    on them (gptq.py, run on `device`), otherwise rounded to nearest."""
     from safetensors.torch import save_file
 
     from .config import Blip2Config
@@ -486,7 +491,13 @@ def write_quantized(src: Path, dst: Path, q: Quantization) -> list[Path]:
         raise FileExistsError(f"{dst} exists and is not empty")
     cfg = Blip2Config.from_file(src)
     with torch.device("meta"):
-        targets = set(target_names(Blip2Model(cfg), q))
+        targets = target_names(Blip2Model(cfg), q)
+    calibrated = {}
+    if calibration:
+        from .gptq import calibrated_parts
+
+        calibrated = calibrated_parts(src, q, calibration, targets, device)
+    targets = set(targets)
     dst.mkdir(parents=True, exist_ok=True)
     shard: dict[str, torch.Tensor] = {}
     written: list[tuple[Path, list[str]]] = []
@@ -500,8 +511,8 @@ def write_quantized(src: Path, dst: Path, q: Quantization) -> list[Path]:
     for key, shape, read, _path in read_checkpoint(src):
         module = key.removesuffix(".weight")
         if key.endswith(".weight") and module in targets:
-            rows = Rows(shape, torch.float32, torch.device("cpu"), read)
-            parts = quantize_weight(rows, layer_quantization(module, q))
+            parts = calibrated.pop(module, None) or quantize_weight(
+                Rows(shape, torch.float32, torch.device("cpu"), read), layer_quantization(module, q))
             tensors = {f"{module}.{k}": v for k, v in parts.items()}
         else:
             tensors = {key: read(None)}
