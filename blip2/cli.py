@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -198,6 +199,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stderr(logging.Handler):
+    """Log lines to whatever sys.stderr is when they are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
 def _quantize(args: argparse.Namespace) -> int:
     from .hub import resolve
     from .quantize import GROUP_SIZE, Quantization, write_quantized
@@ -208,6 +216,10 @@ def _quantize(args: argparse.Namespace) -> int:
         _err(error)
     if errors:
         return 2
+    progress = logging.getLogger("blip2.gptq")  # the calibration passes, on stderr
+    if images and not progress.handlers:
+        progress.addHandler(_Stderr())
+        progress.setLevel(logging.INFO)
     start = time.perf_counter()
     how = f"GPTQ on {len(images)} image{'s' * (len(images) != 1)}" if images else "rounded to nearest"
     print(f"quantizing {args.src} to {args.mode} ({how}) ...", file=sys.stderr, flush=True)

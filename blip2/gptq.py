@@ -111,15 +111,17 @@ def calibrated_parts(src: Path, q: Quantization, images: Sequence, names: list[s
     with torch.inference_mode():  # the language model's passes start from the images' queries, kept
         queries = [m.encode_images(px.to(model.device)) for px, *_ in inputs]
     out: dict[str, dict[str, torch.Tensor]] = {}
+    total = len(linear)
     while linear:
         batch, size = [], 0
         while linear and (not batch or size + modules[linear[0]].in_features ** 2 * 4 <= HESSIAN_BYTES):
             size += modules[linear[0]].in_features ** 2 * 4
             batch.append(linear.pop(0))
+        done = total - len(linear) - len(batch)
+        log.info("GPTQ: layers %d-%d of %d (%s ... %s)", done + 1, done + len(batch), total, batch[0], batch[-1])
         text_only = all(name.startswith("language_model.") for name in batch)
         moments = _moments(m, {name: modules[name] for name in batch}, inputs, queries if text_only else None)
         for name in batch:
-            log.info("GPTQ %s", name)
             w = reads[name](torch.float32)
             out[name] = gptq_weight(w, moments.pop(name), layer_quantization(name, q))
     return out
