@@ -58,7 +58,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, q: Quantization) -> dict[str, 
     h = h[order][:, order]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     W = w.float()[:, order].clone()
-    codes = torch.empty(n, k, dtype=torch.float32)
+    codes = torch.empty(n, k, device=w.device)
     if q.mode == "int8":
         scales = parts["scales"][:, None].expand(n, k)
         lo, hi = -127, 127
@@ -69,7 +69,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, q: Quantization) -> dict[str, 
     scales = scales[:, order]
     for a in range(0, k, BLOCK):
         b = min(a + BLOCK, k)
-        W1, E1, H1 = W[:, a:b].clone(), torch.empty(n, b - a), hinv[a:b, a:b]
+        W1, E1, H1 = W[:, a:b].clone(), torch.empty(n, b - a, device=w.device), hinv[a:b, a:b]
         for i in range(b - a):
             s, x = scales[:, a + i], W1[:, i]
             if q.mode == "int8":
@@ -122,9 +122,10 @@ def calibrated_parts(src: Path, q: Quantization, images: Sequence, names: list[s
         log.info("GPTQ: layers %d-%d of %d (%s ... %s)", done + 1, done + len(batch), total, batch[0], batch[-1])
         text_only = all(name.startswith("language_model.") for name in batch)
         moments = _moments(m, {name: modules[name] for name in batch}, inputs, queries if text_only else None)
-        for name in batch:
-            w = reads[name](torch.float32)
-            out[name] = gptq_weight(w, moments.pop(name), layer_quantization(name, q))
+        for name in batch:  # on the model's device: a GPU factorises far faster
+            w = reads[name](torch.float32).to(model.device)
+            parts = gptq_weight(w, moments.pop(name).to(model.device), layer_quantization(name, q))
+            out[name] = {key: value.cpu() for key, value in parts.items()}
     return out
 
 

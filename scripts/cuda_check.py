@@ -5,7 +5,8 @@
 For OPT and Flan-T5: float32 logits (relative error), greedy and 3-beam new token ids against the
 reference's `generate`, both on CUDA (three times each: captured, then kept CUDA graphs); the
 graphed vision encoder against the eager one; normalisation on the GPU against the CPU's; then float16 (OPT) / bfloat16 (T5) and int8 / int4 weight-only
-generation running end to end on CUDA. Prints one JSON line per check; exits 1 if a parity check fails.
+generation running end to end on CUDA; GPTQ's codes on CUDA against the CPU's. Prints one JSON line
+per check; exits 1 if a parity check fails.
 """
 
 from __future__ import annotations
@@ -114,6 +115,20 @@ def main() -> int:
                 print(json.dumps({"check": f"{lm} {half} {quantize} generate on cuda", "ok": False,
                                   "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
                 ok = False
+    # GPTQ on the GPU (blip2 quantize --calibrate --device cuda): the CPU's codes, but for rounding ties.
+    from blip2.gptq import gptq_weight
+    from blip2.quantize import Quantization
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 512, generator=g) / 512 ** 0.5
+    x = torch.randn(2048, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512 ** 0.5)
+    for mode in ("int8", "int4"):
+        cpu = gptq_weight(w, x.T @ x, Quantization(mode))
+        gpu = gptq_weight(w.cuda(), (x.T @ x).cuda(), Quantization(mode))
+        agree = float((cpu["weight"] == gpu["weight"].cpu()).float().mean())
+        print(json.dumps({"check": f"GPTQ {mode} on cuda equals cpu", "agreement": agree, "ok": agree > 0.99}),
+              flush=True)
+        ok &= agree > 0.99
     return 0 if ok else 1
 
 
