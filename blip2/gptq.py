@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
+from . import api
 from .quantize import Quantization, layer_quantization, quantize_weight
+from .weights import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +99,6 @@ def calibrated_parts(src: Path, q: Quantization, images: Sequence, names: list[s
     from the float32 checkpoint in `src` run on `images`. The layers' input moments are gathered a
     few layers at a time (HESSIAN_BYTES), each pass over the calibration inputs stopping after its
     last layer."""
-    from . import api
-    from .weights import read_checkpoint
-
     model = api.load(src, dtype="float32", device=device)
     m = model.model
     modules = {name: m.get_submodule(name) for name in names}
@@ -144,7 +143,7 @@ def _calibration_inputs(model, images: Sequence, prompts: Sequence[str]) -> list
     for i, image in enumerate(images):
         prompt, caption = prompts[i % len(prompts)], CAPTIONS[i % len(CAPTIONS)]
         if model.config.is_encoder_decoder:
-            tokens = tok([prompt], max_length=512)
+            tokens = tok([prompt], max_length=api.T5_MAX_PROMPT)
             answer = tok.encode(caption)
             start = model.config.text.decoder_start_token_id
             dec = torch.tensor([[start, *answer]])
