@@ -18,7 +18,7 @@ from .hub import DEFAULT_MODEL, resolve
 from .layers import PACK_FOR_ROWS, GraphedCalls, can_pack, pack_linears
 from .model import Blip2Model
 from .processing import ImageProcessor, ImageSource, PromptTokenizer
-from .quantize import Quantization, quantize_linears, stored_quantization
+from .quantize import Quantization, quantize_linears, stored_layer_modes, stored_quantization
 from .weights import load_weights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -360,7 +360,8 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     with torch.device("meta"):
         model = Blip2Model(cfg)
         if quantization is not None:
-            names = quantize_linears(model, quantization, dtype_of, prequantized=stored is not None)
+            names = quantize_linears(model, quantization, dtype_of,
+                                     None if stored is None else stored_layer_modes(directory))
             dtype_of = _quantized_plan(model, names, dtype_of)
         if can_pack(dtype, device):
             # Packing pays where the weights are read once per row (decoding), and in the vision

@@ -3,6 +3,7 @@
     python scripts/quantization.py report --model ~/.cache/blip2/bench/opt-2.7b \
         --modes float32,bfloat16,int8,int4 [--reference float32] [--json out.json]
     python scripts/quantization.py probe --model DIR --dtype bfloat16 --quantize int4 [--logits out.pt]
+    python scripts/quantization.py parts --model DIR [--mode int4] [--parts head,language,vision,qformer]
 
 Memory: resident set size (VmRSS) right after `import torch, blip2`, right after `blip2.load`, and the
 peak (VmHWM) over the whole load; the model's share is the difference. Speed: milliseconds per decoded
@@ -195,6 +196,45 @@ def markdown(results: list[dict], reference: str | None) -> str:
     return "\n".join(rows)
 
 
+PARTS = {"head": ("language_model.model.decoder.embed_tokens", "language_model.shared", "language_model.lm_head"),
+         "language": ("language_model.",), "vision": ("vision_model.",), "qformer": ("qformer.",)}
+
+
+def parts_error(model_dir: str, mode: str = "int4", parts: tuple[str, ...] = tuple(PARTS)) -> list[dict]:
+    """Which part's rounding moves the logits: each part's weights alone rounded to `mode` (the head
+    always int8, the others in `mode` whatever the engine's choice for them) in an otherwise float32,
+    unpacked model; logits against the float32 model's, and the layers' mean relative weight error."""
+    import torch
+
+    import blip2
+    import blip2.api
+    from blip2.quantize import Quantization, dequantize_weight, quantize_weight, target_names
+
+    blip2.api.can_pack = lambda *args: False  # plain Linear modules, whose weights can be swapped
+    q = Quantization(mode)
+    torch.set_grad_enabled(False)
+    reference = teacher_forced_logits(blip2.load(model_dir, dtype="float32"))
+    results = []
+    for part in parts:
+        model = blip2.load(model_dir, dtype="float32")
+        head = PARTS["head"]
+        names = [n for n in target_names(model.model, q) if n.startswith(PARTS[part])
+                 and (part == "head" or n not in head)]
+        errors = []
+        for name in names:
+            module = model.model.get_submodule(name)
+            lq = Quantization("int8") if name in head else q
+            w = module.weight.data
+            module.weight.data = dequantize_weight(quantize_weight(w, lq), lq)
+            errors.append(float((module.weight.data - w).norm() / w.norm()))
+        r = {"part": part, "layers": len(names), "weight_error": sum(errors) / len(errors),
+             **compare(reference, teacher_forced_logits(model))}
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        results.append(r)
+        del model
+    return results
+
+
 def qformer_precision(model_dir: str, dtype: str = "bfloat16", images: int = 8, new_tokens: int = 20) -> dict:
     """Does running the Q-Former in `dtype` rather than float32 (the rest of the model in `dtype`
     either way) change the outputs? Relative error of encode_images against the float32 model's, and
@@ -265,7 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     qf.add_argument("--model", required=True)
     qf.add_argument("--dtype", default="bfloat16")
     qf.add_argument("--images", type=int, default=8)
+    pa = sub.add_parser("parts", help="each part's weights alone rounded, logits against float32")
+    pa.add_argument("--model", required=True)
+    pa.add_argument("--mode", choices=["int8", "int4"], default="int4")
+    pa.add_argument("--parts", default=",".join(PARTS))
     args = parser.parse_args(argv)
+    if args.command == "parts":
+        for r in parts_error(args.model, args.mode, tuple(args.parts.split(","))):
+            print(f"| {r['part']} | {r['layers']} | {r['weight_error']:.4f} | {r['relative_error']:.4f} | "
+                  f"{r['top1_agreement']:.3f} |")
+        return 0
     if args.command == "qformer":
         print(json.dumps(qformer_precision(args.model, args.dtype, args.images), indent=2))
         return 0

@@ -21,14 +21,15 @@ MiB = 2**20
 
 
 def quant_config(lm: str, **text) -> dict:
-    """A tiny config whose layer widths the int4 kernels take with the default group size of 128, and
-    whose vocabulary (112, a multiple of 16) they take too."""
+    """A tiny config whose layer widths (Q-Former's included) the int4 kernels take with the default
+    group size of 128, and whose vocabulary (112, a multiple of 16) they take too."""
     text.setdefault("vocab_size", 112)
     if lm == "opt":
         cfg = tiny_config("opt", hidden_size=128, ffn_dim=256, num_attention_heads=4, max_position_embeddings=80, **text)
     else:
         cfg = tiny_config("t5", d_model=128, d_kv=32, num_heads=4, d_ff=256, num_decoder_layers=2, **text)
     cfg["vision_config"].update(hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    cfg["qformer_config"].update(hidden_size=128, intermediate_size=256, num_attention_heads=4)
     return cfg
 
 
@@ -107,13 +108,12 @@ def test_quantized_logits_close_to_float32(quant_ckpt, float32_logits, mode):
     reference = float32_logits
     model = blip2.load(path, dtype="bfloat16", quantize=mode)
     m = model.model
-    # Every linear layer of the language model, vision encoder and Q-Former is quantized, except where
-    # the kernels cannot take its widths (the tiny Q-Former's: 32 wide); the token embedding
-    # and the head are int8, and a tied head is the embedding itself.
+    # Every linear layer of the language model, vision encoder and Q-Former is quantized; the token
+    # embedding, the head and the Q-Former are int8, and a tied head is the embedding itself.
     for part in (m.language_model, m.vision_model, m.qformer):
-        plain = [x for x in part.modules() if type(x) is nn.Linear]
-        assert all(unfit(x.in_features, x.out_features, model.quantization) for x in plain)
-        assert part is m.qformer or not plain
+        assert not [x for x in part.modules() if type(x) is nn.Linear]
+    assert {x.q.mode for x in m.qformer.modules() if isinstance(x, QuantizedLinear)} == {"int8"}
+    assert {x.q.mode for x in m.vision_model.modules() if isinstance(x, QuantizedLinear)} == {mode}
     lm_model = m.language_model
     embedding = lm_model.shared if lm == "t5" else lm_model.model.decoder.embed_tokens
     assert isinstance(embedding, QuantizedEmbedding) and embedding.q.mode == "int8"
@@ -165,6 +165,23 @@ def test_saved_quantized_checkpoint_equals_quantizing_at_load(quant_ckpt, mode, 
     assert torch.equal(_teacher_forced(saved, lm, cfg), _teacher_forced(at_load, lm, cfg))
     with pytest.raises(ValueError, match="quantized to"):
         blip2.load(tmp_path / "q", quantize="int8" if mode == "int4" else "int4")
+
+
+def test_checkpoint_with_an_int4_qformer_loads_as_written(quant_ckpt, tmp_path, monkeypatch):
+    # Checkpoints written before the Q-Former became int8 in int4 mode hold an int4 Q-Former: each
+    # layer is read in the mode its stored tensors have, whatever the current choice.
+    lm, path, cfg = quant_ckpt
+    import blip2.quantize as quantize
+
+    current = quantize.layer_quantization
+    monkeypatch.setattr(quantize, "layer_quantization",
+                        lambda name, q: q if name.startswith("qformer.") else current(name, q))
+    assert main(["quantize", str(path), str(tmp_path / "old"), "--int4"]) == 0
+    at_load = _teacher_forced(blip2.load(path, dtype="bfloat16", quantize="int4"), lm, cfg)
+    monkeypatch.undo()
+    old = blip2.load(tmp_path / "old", dtype="bfloat16")
+    assert {x.q.mode for x in old.model.qformer.modules() if isinstance(x, QuantizedLinear)} == {"int4"}
+    assert torch.equal(_teacher_forced(old, lm, cfg), at_load)
 
 
 def test_portable_form_round_trips():
