@@ -274,7 +274,8 @@ def test_calibrated_checkpoint_beats_rounding(lm, ckpt_root, tmp_path, capsys):
     reference = _teacher_forced(blip2.load(path, dtype="float32"), lm, cfg)
     calibrated = rel_err(_teacher_forced(blip2.load(out, dtype="bfloat16"), lm, cfg), reference)
     rounded = rel_err(_teacher_forced(blip2.load(path, dtype="bfloat16", quantize="int4"), lm, cfg), reference)
-    print(f"{lm} int4: calibrated {calibrated:.4f}, rounded to nearest {rounded:.4f}")
+    with capsys.disabled():  # shown with -s
+        print(f"{lm} int4: calibrated {calibrated:.4f}, rounded to nearest {rounded:.4f}")
     assert calibrated < (0.6 if lm == "opt" else 0.95) * rounded
     missing = tmp_path / "missing.png"
     assert main(["quantize", str(path), str(tmp_path / "none"), "--int4", "--calibrate", str(missing)]) == 1
