@@ -9,9 +9,10 @@ result is the same portable form, read by every loader and kernel unchanged. The
 are the images with a few prompts and written captions, questions and answers, teacher-forced as a
 chat. The Q-Former, the token embedding and the head are int8 in int4 mode (quantize.layer_quantization).
 
-Against float32, on images and text the calibration never saw: int4 logits 3.9% off with GPTQ
-against 8.3% rounded to nearest on the OPT test checkpoint, 13.9% against 15.8% on Flan-T5's
-(tests/test_quantize.py), 16.9% against 36.2% on full-size random opt-2.7b weights (BENCHMARKS.md).
+Against float32, on images and text the calibration never saw: int4 logits 3.8% off with GPTQ
+against 7.7% rounded to nearest on the OPT test checkpoint, 14.4% against 15.7% on Flan-T5's
+(tests/test_quantize.py); 16.9% against 36.2% on full-size random opt-2.7b weights with session 7's
+calibration (BENCHMARKS.md).
 """
 
 from __future__ import annotations
