@@ -7,10 +7,11 @@ int4: asymmetric, one scale and zero per group of `group_size` inputs, w ~ (q - 
 
 Quantized: every Linear inside a transformer layer of the language model (OPT q/k/v/out_proj, fc1,
 fc2; T5 q/k/v/o, wi/wi_0/wi_1, wo), its output head, and, unless `vision=False`, the image side: the
-vision encoder's layers (qkv, projection, fc1, fc2) and the Q-Former's. The token embedding and the
-output head are int8 in both modes (one scale per row; a head tied to the embedding reads the same
-int8 rows, each row's scale being that output's scale). Norms, biases, position tables, query tokens and the language projection keep the
-float dtype.
+vision encoder's layers (qkv, projection, fc1, fc2) and the Q-Former's. The token embedding, the
+output head and the Q-Former are int8 in both modes (one scale per row; a head tied to the embedding
+reads the same int8 rows, each row's scale being that output's scale; see layer_quantization). Norms,
+biases, position tables, query tokens and the language projection keep the float dtype. A quantized
+checkpoint's layers are read in the mode they were stored in (stored_layer_modes).
 
 A quantized checkpoint stores a portable form, the same on every device; the kernels' packed layout
 (which differs between CPU and CUDA) is made at load:
