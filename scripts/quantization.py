@@ -214,10 +214,10 @@ def parts_error(model_dir: str, mode: str = "int4", parts: tuple[str, ...] = tup
     q = Quantization(mode)
     torch.set_grad_enabled(False)
     reference = teacher_forced_logits(blip2.load(model_dir, dtype="float32"))
+    head = PARTS["head"]
     results = []
     for part in parts:
         model = blip2.load(model_dir, dtype="float32")
-        head = PARTS["head"]
         names = [n for n in target_names(model.model, q) if n.startswith(PARTS[part])
                  and (part == "head" or n not in head)]
         errors = []
