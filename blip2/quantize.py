@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_int4
 from .weights import Rows, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -386,6 +387,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight", parts["weight"])
             sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1)  # [K/G, N, 2]
             self.register_buffer("scales_and_zeros", sz.to(self.kernel_dtype).contiguous())
+        # blip2's own product for few rows on AVX2 CPUs (cpu_int4.py), where it reads torch's layout
+        self.own_int4 = (self.q.mode == "int4" and cpu and cpu_int4_block() == cpu_int4.BLOCK
+                         and cpu_int4.usable(self.weight, self.scales_and_zeros))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -405,6 +409,8 @@ class QuantizedLinear(nn.Module):
             w = self.weight.to(self.dtype).t()
             y = torch.mm(x, w, out_dtype=torch.float32) if self.dtype != torch.float32 else torch.mm(x, w)
             y = (y * self.scales).to(self.dtype)
+        elif self.own_int4:  # float32 activations: the kernel reads them as they are
+            y = cpu_int4.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size).to(self.dtype)
         else:
             xk = x.to(self.kernel_dtype).contiguous()
             if self.q.mode == "int8":

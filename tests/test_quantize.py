@@ -394,3 +394,72 @@ def test_quantizing_a_pytorch_bin_checkpoint_equals_safetensors(ckpt_root):
     out = {fmt: blip2.load(path, dtype="bfloat16", quantize="int4").forward(pixels(2, 28), ids, mask)
            for fmt, path in paths.items()}
     assert torch.equal(out["safetensors"], out["bin"])
+
+
+def _block32_layer(rows: int, k: int, group_size: int, seed: int):
+    """An int4 weight packed as torch's AVX2 layout lays it (blocks of 32 rows), on any x86 machine,
+    its bfloat16 scales and zeros, and the float64 weight they stand for."""
+    from blip2.quantize import _cpu_int4_layout
+
+    q = Quantization("int4", group_size)
+    parts = quantize_weight(torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 0.02, q)
+    sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1).bfloat16().contiguous()
+    exact = dequantize_weight({"weight": parts["weight"], "scales": sz[..., 0].T.float(),
+                               "zeros": sz[..., 1].T.float()}, q).double()
+    return _cpu_int4_layout(parts["weight"], 32), sz, exact
+
+
+@pytest.mark.parametrize("group_size", [32, 128, 256])
+def test_own_int4_product_equals_the_dequantized_weight(group_size):
+    # blip2's AVX2 int4 product (cpu_int4.py) against the float64 product with the weight its codes,
+    # scales and zeros stand for: float32 throughout, so far closer than torch's kernel (bfloat16 inputs).
+    from blip2 import cpu_int4
+
+    if cpu_int4.library() is None:
+        pytest.skip("no AVX2, or no C++ compiler to build blip2's int4 product")
+    packed, sz, exact = _block32_layer(96, 512, group_size, seed=group_size)
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3, 5):
+        x = torch.randn(rows, 512, generator=g)
+        y = cpu_int4.int4_mm(x, packed, sz, group_size)
+        assert y.dtype == torch.float32 and y.shape == (rows, 96)
+        assert rel_err(y, x.double() @ exact.T) < 1e-5
+        assert torch.equal(cpu_int4.int4_mm(x.bfloat16(), packed, sz, group_size),
+                           cpu_int4.int4_mm(x.bfloat16().float(), packed, sz, group_size))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_rows_int4_products_agree_with_torchs_kernel(dtype, monkeypatch):
+    # Where torch lays int4 weights in blocks of 32 rows (AVX2) decoding steps use blip2's product;
+    # it must agree with torch's kernel (which rounds float32 activations to bfloat16).
+    import blip2.quantize as quantize
+    from blip2 import cpu_int4
+
+    layer = QuantizedLinear(512, 96, True, Quantization("int4"), dtype)
+    layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
+    layer.load_parameter("bias", torch.randn(96))
+    assert layer.own_int4 == (quantize.cpu_int4_block() == 32 and cpu_int4.library() is not None)
+    x = torch.randn(3, 512).to(dtype)
+    ours = layer(x)
+    monkeypatch.setattr(layer, "own_int4", False)
+    assert rel_err(ours, layer(x)) < 0.01
+
+
+def test_without_a_compiler_int4_uses_torchs_kernel(tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    from blip2 import cpu_int4
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    cpu_int4.library.cache_clear()
+    try:
+        assert cpu_int4.library() is None
+        if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+            assert "blip2's own could not be built" in caplog.text and "no-such-compiler" in caplog.text
+        layer = QuantizedLinear(512, 96, False, Quantization("int4"), torch.float32)
+        layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
+        assert not layer.own_int4 and layer(torch.randn(2, 512)).shape == (2, 96)
+    finally:
+        cpu_int4.library.cache_clear()
