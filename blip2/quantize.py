@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_int4
+from . import cpu_kernels
 from .weights import Rows, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -387,9 +387,12 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight", parts["weight"])
             sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1)  # [K/G, N, 2]
             self.register_buffer("scales_and_zeros", sz.to(self.kernel_dtype).contiguous())
-        # blip2's own product for few rows on AVX2 CPUs (cpu_int4.py), where it reads torch's layout
-        self.own_int4 = (self.q.mode == "int4" and cpu and cpu_int4_block() == cpu_int4.BLOCK
-                         and cpu_int4.usable(self.weight, self.scales_and_zeros))
+        # blip2's own products for decoding rows on AVX2 machines (cpu_kernels.py): the scales as the
+        # layer keeps them (int8: its dtype's; int4: bfloat16, torch's layout in blocks of 32 rows)
+        self.own_product = cpu and cpu_kernels.preferred() and (
+            self.scales.dtype in (torch.float32, torch.bfloat16) if self.q.mode == "int8" else
+            cpu_int4_block() == cpu_kernels.BLOCK and self.out_features % cpu_kernels.BLOCK == 0
+            and self.scales_and_zeros.dtype == torch.bfloat16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -409,8 +412,9 @@ class QuantizedLinear(nn.Module):
             w = self.weight.to(self.dtype).t()
             y = torch.mm(x, w, out_dtype=torch.float32) if self.dtype != torch.float32 else torch.mm(x, w)
             y = (y * self.scales).to(self.dtype)
-        elif self.own_int4:  # float32 activations: the kernel reads them as they are
-            y = cpu_int4.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size).to(self.dtype)
+        elif self.own_product:  # float32 activations, as they are
+            y = (cpu_kernels.int8_mm(x, self.weight, self.scales) if self.q.mode == "int8" else
+                 cpu_kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size)).to(self.dtype)
         else:
             xk = x.to(self.kernel_dtype).contiguous()
             if self.q.mode == "int8":

@@ -14,7 +14,7 @@ import blip2
 import blip2.api
 from blip2.cli import main
 from blip2.layers import PackedLinear
-from blip2.quantize import QuantizedEmbedding, QuantizedLinear, Quantization, dequantize_weight, quantize_weight, unfit
+from blip2.quantize import MODES, QuantizedEmbedding, QuantizedLinear, Quantization, dequantize_weight, quantize_weight, unfit
 from checkpoints import full_checkpoint, load_memory, opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 MiB = 2**20
@@ -396,6 +396,7 @@ def test_quantizing_a_pytorch_bin_checkpoint_equals_safetensors(ckpt_root):
     assert torch.equal(out["safetensors"], out["bin"])
 
 
+
 def _block32_layer(rows: int, k: int, group_size: int, seed: int):
     """An int4 weight packed as torch's AVX2 layout lays it (blocks of 32 rows), on any x86 machine,
     its bfloat16 scales and zeros, and the float64 weight they stand for."""
@@ -409,57 +410,79 @@ def _block32_layer(rows: int, k: int, group_size: int, seed: int):
     return _cpu_int4_layout(parts["weight"], 32), sz, exact
 
 
+def _own_products():
+    from blip2 import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip("no AVX2, or no C++ compiler to build blip2's products")
+    return cpu_kernels
+
+
 @pytest.mark.parametrize("group_size", [32, 128, 256])
 def test_own_int4_product_equals_the_dequantized_weight(group_size):
-    # blip2's AVX2 int4 product (cpu_int4.py) against the float64 product with the weight its codes,
+    # blip2's AVX2 int4 product (cpu_kernels.py) against the float64 product with the weight its codes,
     # scales and zeros stand for: float32 throughout, so far closer than torch's kernel (bfloat16 inputs).
-    from blip2 import cpu_int4
-
-    if cpu_int4.library() is None:
-        pytest.skip("no AVX2, or no C++ compiler to build blip2's int4 product")
+    cpu_kernels = _own_products()
     packed, sz, exact = _block32_layer(96, 512, group_size, seed=group_size)
     g = torch.Generator().manual_seed(0)
     for rows in (1, 2, 3, 5):
         x = torch.randn(rows, 512, generator=g)
-        y = cpu_int4.int4_mm(x, packed, sz, group_size)
+        y = cpu_kernels.int4_mm(x, packed, sz, group_size)
         assert y.dtype == torch.float32 and y.shape == (rows, 96)
         assert rel_err(y, x.double() @ exact.T) < 1e-5
-        assert torch.equal(cpu_int4.int4_mm(x.bfloat16(), packed, sz, group_size),
-                           cpu_int4.int4_mm(x.bfloat16().float(), packed, sz, group_size))
+        assert torch.equal(cpu_kernels.int4_mm(x.bfloat16(), packed, sz, group_size),
+                           cpu_kernels.int4_mm(x.bfloat16().float(), packed, sz, group_size))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features", [96, 50])  # 50: rows beyond the last whole block of 4
+def test_own_int8_product_equals_the_dequantized_weight(scale_dtype, out_features):
+    cpu_kernels = _own_products()
+    g = torch.Generator().manual_seed(out_features)
+    parts = quantize_weight(torch.randn(out_features, 272, generator=g) * 0.02, Quantization("int8"))
+    scales = parts["scales"].to(scale_dtype)
+    exact = parts["weight"].double() * scales.double()[:, None]
+    for rows in (1, 2, 3, 5):
+        x = torch.randn(rows, 272, generator=g)
+        y = cpu_kernels.int8_mm(x, parts["weight"], scales)
+        assert y.dtype == torch.float32 and y.shape == (rows, out_features)
+        assert rel_err(y, x.double() @ exact.T) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_few_rows_int4_products_agree_with_torchs_kernel(dtype, monkeypatch):
-    # Where torch lays int4 weights in blocks of 32 rows (AVX2) decoding steps use blip2's product;
-    # it must agree with torch's kernel (which rounds float32 activations to bfloat16).
+@pytest.mark.parametrize("mode", MODES)
+def test_decoding_rows_agree_with_torchs_kernels(mode, dtype, monkeypatch):
+    # On AVX2 machines decoding steps use blip2's products; they must agree with torch's kernels
+    # (which take float32 activations rounded to bfloat16).
     import blip2.quantize as quantize
-    from blip2 import cpu_int4
+    from blip2 import cpu_kernels
 
-    layer = QuantizedLinear(512, 96, True, Quantization("int4"), dtype)
+    layer = QuantizedLinear(512, 96, True, Quantization(mode), dtype)
     layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
     layer.load_parameter("bias", torch.randn(96))
-    assert layer.own_int4 == (quantize.cpu_int4_block() == 32 and cpu_int4.library() is not None)
+    assert layer.own_product == (cpu_kernels.preferred() and (mode == "int8" or quantize.cpu_int4_block() == 32))
     x = torch.randn(3, 512).to(dtype)
     ours = layer(x)
-    monkeypatch.setattr(layer, "own_int4", False)
+    monkeypatch.setattr(layer, "own_product", False)
     assert rel_err(ours, layer(x)) < 0.01
 
 
-def test_without_a_compiler_int4_uses_torchs_kernel(tmp_path, monkeypatch, caplog):
+def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
     import tempfile
 
-    from blip2 import cpu_int4
+    from blip2 import cpu_kernels
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    cpu_int4.library.cache_clear()
+    cpu_kernels.library.cache_clear()
     try:
-        assert cpu_int4.library() is None
+        assert cpu_kernels.library() is None and not cpu_kernels.preferred()
         if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             assert "blip2's own could not be built" in caplog.text and "no-such-compiler" in caplog.text
-        layer = QuantizedLinear(512, 96, False, Quantization("int4"), torch.float32)
-        layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
-        assert not layer.own_int4 and layer(torch.randn(2, 512)).shape == (2, 96)
+        for mode in MODES:
+            layer = QuantizedLinear(512, 96, False, Quantization(mode), torch.float32)
+            layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
+            assert not layer.own_product and layer(torch.randn(2, 512)).shape == (2, 96)
     finally:
-        cpu_int4.library.cache_clear()
+        cpu_kernels.library.cache_clear()

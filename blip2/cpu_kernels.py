@@ -1,19 +1,21 @@
-"""blip2's own CPU int4 product for a few rows (decoding), on AVX2 machines.
+"""blip2's own CPU products for a few rows (decoding steps) with int8 and int4 weights, on AVX2 machines.
 
-torch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu) is vectorised for AVX-512; on an AVX2-only
-CPU it reads a decoded token's weights at about a fifth of the memory's speed, so an int4 token took
-as long as an int8 one (BENCHMARKS.md, "CPU int4 decoding"). This product reads the same packed
-weights, scales and zeros (torch's AVX2 layout, quantize._cpu_int4_layout with blocks of 32 rows)
-and computes, per group of G inputs,
+torch's CPU weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) are
+vectorised for AVX-512; on an AVX2-only CPU they read a decoded token's weights well below the
+memory's speed (int4 took as long as int8; BENCHMARKS.md, "CPU int4 decoding"). These products read
+the same tensors the layers hold (int8: [N, K] codes and one scale per row; int4: torch's AVX2 layout,
+quantize._cpu_int4_layout with blocks of 32 rows, and its [K/G, N, 2] bfloat16 scales and zeros) and
+multiply float32 activations as they are (torch's kernels take them rounded to bfloat16). int4
+computes, per group of G inputs,
 
     y[m, n] += s[n, g] * sum_k q[n, k] x[m, k] + (z[n, g] - 8 s[n, g]) * sum_k x[m, k]
 
-which is sum_k ((q - 8) s + z) x exactly: the codes become floats, each group's sum is scaled once,
-and the activations stay float32. It is C++ with AVX2 intrinsics, compiled on first use with the
-machine's C++ compiler (g++ or $CXX; well under a second, cached in ~/.cache/blip2/kernels), loaded
-with ctypes, and threaded with OpenMP: the same libgomp torch runs on (same soname, loaded once), so
-its threads are torch's. Where there is no compiler or no AVX2, `library()` is None and int4 products
-use torch's kernel.
+which is sum_k ((q - 8) s + z) x exactly: the codes become floats, and each group's sum is scaled once.
+
+They are C++ with AVX2 intrinsics, compiled on first use by the machine's C++ compiler (g++ or $CXX;
+about a second, cached in ~/.cache/blip2/kernels), loaded with ctypes and threaded with OpenMP: the
+libgomp torch runs on (same soname, loaded once), so their threads are torch's. Where there is no
+compiler or no AVX2, `library()` is None and the layers use torch's kernels.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32  # rows per block of torch's AVX2 layout, the only one this product reads
-CHUNK = 2  # activation rows multiplied per pass over a block's weights (registers: 4 accumulators a row)
+BLOCK = 32  # rows per block of torch's AVX2 int4 layout, the only one int4_mm reads
+CHUNK = 2  # activation rows multiplied per pass over the weights (registers: 4 accumulators a row)
 
 SOURCE = r"""
 #include <immintrin.h>
@@ -88,7 +90,65 @@ static void block_rows(const float *x, int64_t K, int64_t G, const uint8_t *w, c
     for (int v = 0; v < 4; v++) _mm256_storeu_ps(y + m * N + 8 * v, total[m][v]);
 }
 
-// y [M, N] = x [M, K] times the weight [N, K]: N a multiple of 32, K of G.
+// R rows of an int8 weight (w: K apart) times MC activation rows (x: K apart): dot[m][r].
+template <int MC, int R>
+static void int8_rows(const float *x, int64_t K, const int8_t *w, float dot[MC][R]) {
+  __m256 acc[MC][R];
+  for (int m = 0; m < MC; m++)
+    for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 8) {
+    __m256 q[R];
+    for (int r = 0; r < R; r++)
+      q[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * K + k))));
+    for (int m = 0; m < MC; m++) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(q[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MC; m++)
+    for (int r = 0; r < R; r++) {
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
+      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_add_ss(h, _mm_movehdup_ps(h));
+      dot[m][r] = _mm_cvtss_f32(h);
+    }
+}
+
+static inline float scale_at(const void *s, int bf16, int64_t n) {
+  if (!bf16) return ((const float *)s)[n];
+  uint32_t bits = (uint32_t)((const uint16_t *)s)[n] << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <int R>
+static void int8_block(const float *x, int64_t M, int64_t K, const int8_t *w, const void *s, int bf16,
+                       int64_t N, int64_t n, float *y) {
+  int64_t m = 0;
+  for (; m + CHUNK <= M; m += CHUNK) {
+    float dot[CHUNK][R];
+    int8_rows<CHUNK, R>(x + m * K, K, w + n * K, dot);
+    for (int i = 0; i < CHUNK; i++)
+      for (int r = 0; r < R; r++) y[(m + i) * N + n + r] = dot[i][r] * scale_at(s, bf16, n + r);
+  }
+  for (; m < M; m++) {
+    float dot[1][R];
+    int8_rows<1, R>(x + m * K, K, w + n * K, dot);
+    for (int r = 0; r < R; r++) y[m * N + n + r] = dot[0][r] * scale_at(s, bf16, n + r);
+  }
+}
+
+// y [M, N] = x [M, K] times the int8 weight [N, K] (K a multiple of 8), row n scaled by s[n]
+// (float32, or bfloat16 when bf16 is set).
+extern "C" void blip2_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, const void *s, int bf16,
+                              int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < N / 4; b++) int8_block<4>(x, M, K, w, s, bf16, N, 4 * b, y);
+  for (int64_t n = N / 4 * 4; n < N; n++) int8_block<1>(x, M, K, w, s, bf16, N, n, y);
+}
+
+// y [M, N] = x [M, K] times the int4 weight [N, K]: N a multiple of 32, K of G.
 extern "C" int blip2_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *sz,
                              int64_t N, int64_t G, float *y, int threads) {
   const int64_t groups = K / G;
@@ -113,6 +173,7 @@ extern "C" int blip2_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t
 }
 """
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", f"-DCHUNK={CHUNK}")
+_INT = ctypes.c_int64
 
 
 def _cache_dir() -> Path:
@@ -121,23 +182,30 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The compiled product, or None where it cannot run (no AVX2, or no compiler: then a warning
-    says so once and torch's kernel serves)."""
+    """The compiled products, or None where they cannot run (no AVX2, or no compiler: then a warning
+    says so once and torch's kernels serve)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     key = hashlib.sha256((SOURCE + " ".join(FLAGS) + torch.__version__).encode()).hexdigest()[:16]
     try:
-        path = _compiled(f"int4_avx2-{key}.so")
+        path = _compiled(f"products_avx2-{key}.so")
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("int4 products use torch's CPU kernel (slower on this AVX2 machine): "
+        log.warning("int8/int4 products use torch's CPU kernels (slower on an AVX2 machine): "
                     "blip2's own could not be built: %s", e)
         return None
-    fn = lib.blip2_int4_mm
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
+    ptr = ctypes.c_void_p
+    lib.blip2_int4_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, _INT, _INT, ptr, ctypes.c_int]
+    lib.blip2_int4_mm.restype = ctypes.c_int
+    lib.blip2_int8_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, ctypes.c_int, _INT, ptr, ctypes.c_int]
+    lib.blip2_int8_mm.restype = None
     return lib
+
+
+def preferred() -> bool:
+    """Whether decoding steps use these products: on AVX2 machines, where they are built. (On AVX-512
+    ones torch's kernels are vectorised, and torch lays int4 weights in blocks of 64 rows.)"""
+    return torch.backends.cpu.get_cpu_capability() == "AVX2" and library() is not None
 
 
 def _compiled(name: str) -> Path:
@@ -154,7 +222,7 @@ def _compiled(name: str) -> Path:
         if not compiler:
             raise RuntimeError("no C++ compiler found (g++, c++ or $CXX)")
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            src = Path(tmp) / "int4.cpp"
+            src = Path(tmp) / "products.cpp"
             src.write_text(SOURCE)
             out = Path(tmp) / name
             run = subprocess.run([compiler, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=300)
@@ -165,12 +233,16 @@ def _compiled(name: str) -> Path:
     raise RuntimeError("no writable cache directory for the compiled kernel")
 
 
-def usable(weight: torch.Tensor, scales_and_zeros: torch.Tensor) -> bool:
-    """Whether int4_mm takes this layer, packed in blocks of 32 rows: whole blocks, bfloat16 scales.
-    (quantize.py uses it where torch's layout has such blocks, that is on AVX2 machines; on AVX-512
-    ones torch's kernel is vectorised and lays blocks of 64 rows.)"""
-    return (weight.device.type == "cpu" and weight.shape[0] % BLOCK == 0 and scales_and_zeros.dtype == torch.bfloat16
-            and library() is not None)
+def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times an int8 weight [N, K] (K a multiple of 8), row n scaled by scales[n] (float32
+    or bfloat16), in float32: [M, N]."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    library().blip2_int8_mm(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,
+                            n, y.data_ptr(), torch.get_num_threads())
+    return y
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
