@@ -393,13 +393,17 @@ class QuantizedLinear(nn.Module):
             self.scales.dtype in (torch.float32, torch.bfloat16) if self.q.mode == "int8" else
             cpu_int4_block() == cpu_kernels.BLOCK and self.out_features % cpu_kernels.BLOCK == 0
             and self.scales_and_zeros.dtype == torch.bfloat16)
+        # From this many rows on a CPU product widens the weight through the float GEMM (None: never;
+        # int4 needs a layout _dequantize_cpu_int4_t reads, in whole blocks)
+        block = cpu_int4_block()
+        self.widen_from = _GEMM_ROWS[self.q.mode] if cpu and (
+            self.q.mode == "int8" or block and self.out_features % block == 0) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.dtype)
         cpu = x.device.type == "cpu"
-        if cpu and x.shape[0] >= _GEMM_ROWS[self.q.mode] and (
-                self.q.mode == "int8" or cpu_int4_block() and self.out_features % cpu_int4_block() == 0):
+        if self.widen_from is not None and x.shape[0] >= self.widen_from:
             # The CPU kernels work row by row: for many rows (image patches, a prompt) the weight
             # widened to the activations' dtype through the float GEMM is faster (int8 up to 6x, int4
             # on the vision encoder 2.5x).
