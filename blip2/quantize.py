@@ -403,7 +403,7 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.dtype)
         cpu = x.device.type == "cpu"
-        if self.widen_from is not None and x.shape[0] >= self.widen_from:
+        if cpu and self.widen_from is not None and x.shape[0] >= self.widen_from:
             # The CPU kernels work row by row: for many rows (image patches, a prompt) the weight
             # widened to the activations' dtype through the float GEMM is faster (int8 up to 6x, int4
             # on the vision encoder 2.5x).
@@ -416,7 +416,7 @@ class QuantizedLinear(nn.Module):
             w = self.weight.to(self.dtype).t()
             y = torch.mm(x, w, out_dtype=torch.float32) if self.dtype != torch.float32 else torch.mm(x, w)
             y = (y * self.scales).to(self.dtype)
-        elif self.own_product:  # float32 activations, as they are
+        elif cpu and self.own_product:  # float32 activations, as they are
             y = (cpu_kernels.int8_mm(x, self.weight, self.scales) if self.q.mode == "int8" else
                  cpu_kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size)).to(self.dtype)
         else:

@@ -4,6 +4,7 @@
         --modes float32,bfloat16,int8,int4 [--reference float32] [--json out.json]
     python scripts/quantization.py probe --model DIR --dtype bfloat16 --quantize int4 [--logits out.pt]
     python scripts/quantization.py parts --model DIR [--mode int4] [--parts head,language,vision,qformer]
+    python scripts/quantization.py products [--rows 1,2,4,8,16,32,64,128] [--dtype float32]
 
 Memory: resident set size (VmRSS) right after `import torch, blip2`, right after `blip2.load`, and the
 peak (VmHWM) over the whole load; the model's share is the difference. Speed: milliseconds per decoded
@@ -284,6 +285,57 @@ def qformer_precision(model_dir: str, dtype: str = "bfloat16", images: int = 8, 
     return result
 
 
+# OPT-2.7b's decoder layer products (out, in): q/k/v/out_proj, fc1, fc2
+PRODUCT_SHAPES = ((2560, 2560), (10240, 2560), (2560, 10240))
+
+
+def products(rows: list[int], dtype: str = "float32", copies: int = 4) -> list[dict]:
+    """Milliseconds for one random OPT-2.7b decoder layer's worth of quantized products (4 times each
+    shape, distinct weights, so they come from memory as in decoding; float32 or bfloat16
+    activations), per number of rows, through each CPU path a QuantizedLinear has: blip2's own
+    product (cpu_kernels.py, where built), torch's kernel, and the weight widened through the float
+    GEMM. Medians of 5 runs (3 from 32 rows)."""
+    import torch
+
+    from blip2 import cpu_kernels
+    from blip2.quantize import QuantizedLinear, Quantization
+
+    dt = getattr(torch, dtype)
+    out = []
+    for mode in ("int8", "int4"):
+        layers = []
+        for n, k in PRODUCT_SHAPES:
+            for _ in range(copies):
+                layer = QuantizedLinear(k, n, False, Quantization(mode), dt)
+                layer.load_parameter("weight", torch.randn(n, k) * 0.02)
+                layers.append(layer)
+        weight_bytes = sum(layer.weight.numel() for layer in layers)
+        paths = {"torch": lambda layer, x: (
+                     torch.ops.aten._weight_int8pack_mm(x.to(layer.kernel_dtype), layer.weight, layer.kernel_scales)
+                     if mode == "int8" else torch.ops.aten._weight_int4pack_mm_for_cpu(
+                         x.to(layer.kernel_dtype), layer.weight, layer.q.group_size, layer.scales_and_zeros)),
+                 "widened": lambda layer, x: layer._widened_linear(x)}
+        if layers[0].own_product:
+            paths["blip2"] = lambda layer, x: (
+                cpu_kernels.int8_mm(x, layer.weight, layer.scales) if mode == "int8"
+                else cpu_kernels.int4_mm(x, layer.weight, layer.scales_and_zeros, layer.q.group_size))
+        for m in rows:
+            xs = {k: torch.randn(m, k).to(dt) for k in {k for _, k in PRODUCT_SHAPES}}
+            row = {"mode": mode, "rows": m}
+            for name, fn in paths.items():
+                fn(layers[0], xs[layers[0].in_features])  # warm
+                times = []
+                for _ in range(5 if m < 32 else 3):
+                    start = time.perf_counter()
+                    for layer in layers:
+                        fn(layer, xs[layer.in_features])
+                    times.append(time.perf_counter() - start)
+                row[name] = 1000 * statistics.median(times) / copies
+            row["weight_gb_per_s"] = {name: weight_bytes / (row[name] * copies / 1000) / 1e9 for name in paths}
+            out.append(row)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,7 +361,20 @@ def main(argv: list[str] | None = None) -> int:
     pa.add_argument("--model", required=True)
     pa.add_argument("--mode", choices=["int8", "int4"], default="int4")
     pa.add_argument("--parts", default=",".join(PARTS))
+    pr = sub.add_parser("products", help="ms per OPT-2.7b layer's quantized products, each CPU path, per rows")
+    pr.add_argument("--rows", default="1,2,3,4,5,8,16,32,64,128")
+    pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)
+    if args.command == "products":
+        results = products([int(r) for r in args.rows.split(",")], args.dtype)
+        names = [n for n in ("blip2", "torch", "widened") if n in results[0]]
+        print("| mode | rows | " + " | ".join(f"{n} (ms per layer)" for n in names) + " | "
+              + " | ".join(f"{n} (weights, GB/s)" for n in names) + " |")
+        print("|---|---|" + "---|" * 2 * len(names))
+        for r in results:
+            print(f"| {r['mode']} | {r['rows']} | " + " | ".join(f"{r[n]:.2f}" for n in names) + " | "
+                  + " | ".join(f"{r['weight_gb_per_s'][n]:.1f}" for n in names) + " |")
+        return 0
     if args.command == "parts":
         for r in parts_error(args.model, args.mode, tuple(args.parts.split(","))):
             print(f"| {r['part']} | {r['layers']} | {r['weight_error']:.4f} | {r['relative_error']:.4f} | "
