@@ -62,16 +62,19 @@ static void block_rows(const float *x, int64_t K, int64_t G, const uint8_t *w, c
     const uint8_t *p = w + g * G * 16;
     const float *xg = x + g * G;
     for (int64_t k = 0; k < G; k++, p += 16) {
-      const __m128i bytes = _mm_loadu_si128((const __m128i *)p);
-      const __m256i b0 = _mm256_cvtepu8_epi32(bytes);                         // bytes 0-7
-      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(bytes, bytes));  // bytes 8-15
-      const __m256 q[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, low)),   // rows 0-7
-                           _mm256_cvtepi32_ps(_mm256_and_si256(b1, low)),   // rows 8-15
-                           _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)),    // rows 16-23
-                           _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};   // rows 24-31
+      const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));        // bytes 0-7
+      const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));  // bytes 8-15
+      // named, not an array: with an array g++ 12 stores the accumulators to the stack every step
+      const __m256 q0 = _mm256_cvtepi32_ps(_mm256_and_si256(b0, low));  // rows 0-7
+      const __m256 q1 = _mm256_cvtepi32_ps(_mm256_and_si256(b1, low));  // rows 8-15
+      const __m256 q2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4));   // rows 16-23
+      const __m256 q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));   // rows 24-31
       for (int m = 0; m < MC; m++) {
         const __m256 xv = _mm256_broadcast_ss(xg + m * K + k);
-        for (int v = 0; v < 4; v++) acc[m][v] = _mm256_fmadd_ps(q[v], xv, acc[m][v]);
+        acc[m][0] = _mm256_fmadd_ps(q0, xv, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(q1, xv, acc[m][1]);
+        acc[m][2] = _mm256_fmadd_ps(q2, xv, acc[m][2]);
+        acc[m][3] = _mm256_fmadd_ps(q3, xv, acc[m][3]);
       }
     }
     const uint16_t *pairs = sz + g * 2 * N;
