@@ -314,8 +314,12 @@ def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
 
 # From this many rows on, CPU products widen the weight and run the float GEMM (see
 # QuantizedLinear.forward): the kernels' cost grows with the rows, widening's with the weight (int4's
-# dequantization costs about what its kernel does on 64-128 rows, measured on 2 cores).
+# dequantization costs about what torch's kernel does on 64-128 rows, measured on 2 cores). blip2's
+# own AVX2 products (cpu_kernels.py) keep up with the GEMM until about 256 rows for both (OPT-2.7b's
+# layers, float32, `python scripts/quantization.py products`: int8 260 against 322 ms at 256 rows,
+# 632 against 461 at 512; int4 263 against 256 at 256).
 _GEMM_ROWS = {"int8": 32, "int4": 128}
+_OWN_GEMM_ROWS = 256
 # Weight elements widened at a time. int8: 64 MB in bfloat16, the largest OPT-2.7b layer (fc1, 26 M)
 # at once, the head in 4 parts. int4: 2 M, so the dequantization's temporaries stay small (at 257
 # rows 2.5-3x faster than the kernel on the vision encoder's layers, measured).
@@ -396,7 +400,7 @@ class QuantizedLinear(nn.Module):
         # From this many rows on a CPU product widens the weight through the float GEMM (None: never;
         # int4 needs a layout _dequantize_cpu_int4_t reads, in whole blocks)
         block = cpu_int4_block()
-        self.widen_from = _GEMM_ROWS[self.q.mode] if cpu and (
+        self.widen_from = (_OWN_GEMM_ROWS if self.own_product else _GEMM_ROWS[self.q.mode]) if cpu and (
             self.q.mode == "int8" or block and self.out_features % block == 0) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

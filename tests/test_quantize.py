@@ -353,17 +353,17 @@ def _random_checkpoint(directory, cfg: dict):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("mode, out_features", [("int8", 96), ("int8", 100 * 16), ("int4", 192), ("int4", 200 * 16)])
 def test_many_rows_path_equals_the_kernel_row_by_row(mode, out_features, dtype, monkeypatch):
-    # From _GEMM_ROWS rows on, CPU products run the float GEMM on the widened weight (in blocks of
+    # From widen_from rows on, CPU products run the float GEMM on the widened weight (in blocks of
     # 1024 rows here, the larger widths in several); it must agree with the kernel, which takes the same rows a
     # few at a time (int4: within the bfloat16 rounding of the dequantized weight).
-    from blip2.quantize import _GEMM_ROWS, _WIDEN_ELEMENTS
+    from blip2.quantize import _WIDEN_ELEMENTS
 
     monkeypatch.setitem(_WIDEN_ELEMENTS, mode, 1024 * 2048)  # blocks of 1024 rows
     q = Quantization(mode)
-    layer = QuantizedLinear(2048, out_features, True, q, dtype)  # float32: the kernel gets bfloat16 activations
+    layer = QuantizedLinear(2048, out_features, True, q, dtype)  # float32: torch's kernels get bfloat16 activations
     layer.load_parameter("weight", torch.randn(out_features, 2048) * 0.02)
     layer.load_parameter("bias", torch.randn(out_features))
-    x = torch.randn(_GEMM_ROWS[mode] + 8, 2048).to(dtype)
+    x = torch.randn(layer.widen_from + 8, 2048).to(dtype)
     rowwise = torch.cat([layer(x[i:i + 4]) for i in range(0, len(x), 4)])
     assert rel_err(layer(x).float(), rowwise.float()) < 0.01
 
