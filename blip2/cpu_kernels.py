@@ -1,8 +1,8 @@
-"""blip2's own CPU products for a few rows (decoding steps) with int8 and int4 weights, on AVX2 machines.
+"""blip2's own CPU products with int8 and int4 weights for up to 256 rows (decoding, prompts), on AVX2 machines.
 
 torch's CPU weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) are
 vectorised for AVX-512; on an AVX2-only CPU they read a decoded token's weights well below the
-memory's speed (int4 took as long as int8; BENCHMARKS.md, "CPU int4 decoding"). These products read
+memory's speed (int4 took as long as int8; BENCHMARKS.md, "CPU, session 9"). These products read
 the same tensors the layers hold (int8: [N, K] codes and one scale per row; int4: torch's AVX2 layout,
 quantize._cpu_int4_layout with blocks of 32 rows, and its [K/G, N, 2] bfloat16 scales and zeros) and
 multiply float32 activations as they are (torch's kernels take them rounded to bfloat16). int4

@@ -4,6 +4,8 @@ int8: symmetric, one scale per output channel, w ~ q * s with q in [-127, 127]
       (aten._weight_int8pack_mm on CPU; dequantize-then-matmul elsewhere).
 int4: asymmetric, one scale and zero per group of `group_size` inputs, w ~ (q - 8) * s + z with q in
       [0, 15] (the "tinygemm" convention: aten._weight_int4pack_mm_for_cpu, aten._weight_int4pack_mm on CUDA).
+On AVX2 CPUs, blip2's own products (cpu_kernels.py) replace torch's CPU kernels, which are written for
+AVX-512; many rows (image batches) widen the weight and use the float GEMM.
 
 Quantized: every Linear inside a transformer layer of the language model (OPT q/k/v/out_proj, fc1,
 fc2; T5 q/k/v/o, wi/wi_0/wi_1, wo), its output head, and, unless `vision=False`, the image side: the
