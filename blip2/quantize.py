@@ -393,7 +393,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("weight", parts["weight"])
             sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1)  # [K/G, N, 2]
             self.register_buffer("scales_and_zeros", sz.to(self.kernel_dtype).contiguous())
-        # blip2's own products for decoding rows on AVX2 machines (cpu_kernels.py): the scales as the
+        # blip2's own products up to _OWN_GEMM_ROWS rows on AVX2 machines (cpu_kernels.py): the scales as the
         # layer keeps them (int8: its dtype's; int4: bfloat16, torch's layout in blocks of 32 rows)
         self.own_product = cpu and cpu_kernels.preferred() and (
             self.scales.dtype in (torch.float32, torch.bfloat16) if self.q.mode == "int8" else
@@ -410,9 +410,9 @@ class QuantizedLinear(nn.Module):
         x = x.reshape(-1, self.in_features).to(self.dtype)
         cpu = x.device.type == "cpu"
         if cpu and self.widen_from is not None and x.shape[0] >= self.widen_from:
-            # The CPU kernels work row by row: for many rows (image patches, a prompt) the weight
-            # widened to the activations' dtype through the float GEMM is faster (int8 up to 6x, int4
-            # on the vision encoder 2.5x).
+            # The CPU kernels work row by row: for many rows (image patches; with torch's kernels, a
+            # prompt too) the weight widened to the activations' dtype through the float GEMM is faster
+            # (than torch's kernels: int8 up to 6x, int4 on the vision encoder 2.5x).
             y = self._widened_linear(x)
         elif self.q.mode == "int8" and not (cpu or x.device.type == "mps"):
             # CUDA: the weight widened (int8 values are exact in half precision) and the scales applied

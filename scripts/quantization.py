@@ -4,7 +4,7 @@
         --modes float32,bfloat16,int8,int4 [--reference float32] [--json out.json]
     python scripts/quantization.py probe --model DIR --dtype bfloat16 --quantize int4 [--logits out.pt]
     python scripts/quantization.py parts --model DIR [--mode int4] [--parts head,language,vision,qformer]
-    python scripts/quantization.py products [--rows 1,2,4,8,16,32,64,128] [--dtype float32]
+    python scripts/quantization.py products [--rows 1,2,3,4,5,8,16,32,64,128] [--dtype float32]
 
 Memory: resident set size (VmRSS) right after `import torch, blip2`, right after `blip2.load`, and the
 peak (VmHWM) over the whole load; the model's share is the difference. Speed: milliseconds per decoded
