@@ -421,7 +421,8 @@ def _own_products():
 @pytest.mark.parametrize("group_size", [32, 128, 256])
 def test_own_int4_product_equals_the_dequantized_weight(group_size):
     # blip2's AVX2 int4 product (cpu_kernels.py) against the float64 product with the weight its codes,
-    # scales and zeros stand for: float32 throughout, so far closer than torch's kernel (bfloat16 inputs).
+    # scales and zeros stand for: activations in 16-bit steps of each group's largest, so 10x closer
+    # than torch's kernel, which takes them in bfloat16 (2.3e-3 off here).
     cpu_kernels = _own_products()
     packed, sz, exact = _block32_layer(96, 512, group_size, seed=group_size)
     g = torch.Generator().manual_seed(0)
@@ -429,7 +430,7 @@ def test_own_int4_product_equals_the_dequantized_weight(group_size):
         x = torch.randn(rows, 512, generator=g)
         y = cpu_kernels.int4_mm(x, packed, sz, group_size)
         assert y.dtype == torch.float32 and y.shape == (rows, 96)
-        assert rel_err(y, x.double() @ exact.T) < 1e-5
+        assert rel_err(y, x.double() @ exact.T) < 3e-4
         assert torch.equal(cpu_kernels.int4_mm(x.bfloat16(), packed, sz, group_size),
                            cpu_kernels.int4_mm(x.bfloat16().float(), packed, sz, group_size))
 
