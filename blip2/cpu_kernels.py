@@ -4,13 +4,18 @@ torch's CPU weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack
 vectorised for AVX-512; on an AVX2-only CPU they read a decoded token's weights well below the
 memory's speed (int4 took as long as int8; BENCHMARKS.md, "CPU, session 9"). These products read
 the same tensors the layers hold (int8: [N, K] codes and one scale per row; int4: torch's AVX2 layout,
-quantize._cpu_int4_layout with blocks of 32 rows, and its [K/G, N, 2] bfloat16 scales and zeros) and
-multiply float32 activations as they are (torch's kernels take them rounded to bfloat16). int4
-computes, per group of G inputs,
+quantize._cpu_int4_layout with blocks of 32 rows, and its [K/G, N, 2] bfloat16 scales and zeros).
+int8 multiplies float32 activations as they are (torch's kernels take them rounded to bfloat16).
+int4 computes, per group of G inputs,
 
-    y[m, n] += s[n, g] * sum_k q[n, k] x[m, k] + (z[n, g] - 8 s[n, g]) * sum_k x[m, k]
+    y[m, n] += s[n, g] * dx[m, g] * sum_k q[n, k] xq[m, k] + (z[n, g] - 8 s[n, g]) * sum_k x[m, k]
 
-which is sum_k ((q - 8) s + z) x exactly: the codes become floats, and each group's sum is scaled once.
+which is sum_k ((q - 8) s + z) x but for xq = round(x / dx), the activations in 16-bit steps of
+each group's largest (dx = max |x| / 32767): codes and activations then multiply as integers, two
+columns per instruction, and each group's sum is scaled once. Against the exact product of the
+quantized weight that is 3e-5 to 1.4e-4 off, torch's bfloat16 activations 2.3e-3 (a group whose
+largest value is 100x the others', as outlier features make them, still rounds those others by
+about 1e-3 at most, bfloat16's own step).
 
 They are C++ with AVX2 intrinsics, compiled on first use by the machine's C++ compiler (g++ or $CXX;
 about a second, cached in ~/.cache/blip2/kernels), loaded with ctypes and threaded with OpenMP: the
