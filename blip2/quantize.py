@@ -422,7 +422,7 @@ class QuantizedLinear(nn.Module):
             w = self.weight.to(self.dtype).t()
             y = torch.mm(x, w, out_dtype=torch.float32) if self.dtype != torch.float32 else torch.mm(x, w)
             y = (y * self.scales).to(self.dtype)
-        elif cpu and self.own_product:  # float32 activations, as they are
+        elif cpu and self.own_product:  # activations in float32 (int8) or 16-bit steps (int4), not bfloat16
             y = (cpu_kernels.int8_mm(x, self.weight, self.scales) if self.q.mode == "int8" else
                  cpu_kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size)).to(self.dtype)
         else:

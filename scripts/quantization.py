@@ -297,8 +297,14 @@ def products(rows: list[int], dtype: str = "float32", copies: int = 4) -> list[d
     GEMM. Medians of 5 runs (3 from 32 rows)."""
     import torch
 
-    from blip2 import cpu_kernels
     from blip2.quantize import QuantizedLinear, Quantization
+
+    def through(own: bool):
+        """A path through the layer's own forward: blip2's product on or off, never widened."""
+        def call(layer, x):
+            layer.own_product, layer.widen_from = own, None
+            return layer(x)
+        return call
 
     dt = getattr(torch, dtype)
     out = []
@@ -310,15 +316,9 @@ def products(rows: list[int], dtype: str = "float32", copies: int = 4) -> list[d
                 layer.load_parameter("weight", torch.randn(n, k) * 0.02)
                 layers.append(layer)
         weight_bytes = sum(layer.weight.numel() for layer in layers)
-        paths = {"torch": lambda layer, x: (
-                     torch.ops.aten._weight_int8pack_mm(x.to(layer.kernel_dtype), layer.weight, layer.kernel_scales)
-                     if mode == "int8" else torch.ops.aten._weight_int4pack_mm_for_cpu(
-                         x.to(layer.kernel_dtype), layer.weight, layer.q.group_size, layer.scales_and_zeros)),
-                 "widened": lambda layer, x: layer._widened_linear(x)}
+        paths = {"torch": through(False), "widened": lambda layer, x: layer._widened_linear(x)}
         if layers[0].own_product:
-            paths["blip2"] = lambda layer, x: (
-                cpu_kernels.int8_mm(x, layer.weight, layer.scales) if mode == "int8"
-                else cpu_kernels.int4_mm(x, layer.weight, layer.scales_and_zeros, layer.q.group_size))
+            paths["blip2"] = through(True)
         for m in rows:
             xs = {k: torch.randn(m, k).to(dt) for k in {k for _, k in PRODUCT_SHAPES}}
             row = {"mode": mode, "rows": m}
