@@ -172,25 +172,24 @@ def _calibration_inputs(model, images: Sequence, prompts: Sequence[str]) -> list
                  for t in range(1, TURNS)]
         if model.config.is_encoder_decoder:
             history = " ".join([*(f"{q} {a}".strip() for q, a in chat[:-1]), chat[-1][0]]).strip()
-            tokens = tok([_fit(tok, history, api.T5_MAX_PROMPT)], max_length=api.T5_MAX_PROMPT)
+            tokens = _fit(tok, history, api.T5_MAX_PROMPT)
             start = model.config.text.decoder_start_token_id
             dec = torch.tensor([[start, *tok.encode(chat[-1][1])]])
         else:
             limit = model.config.text.max_position_embeddings - model.config.num_query_tokens
             text = " ".join(f"{q} {a}".strip() for q, a in chat)
-            tokens = tok([_fit(tok, text, limit)], max_length=limit)
+            tokens = _fit(tok, text, limit)
             dec = None
         out.append((model.pixel_values([image]), tokens.input_ids, tokens.attention_mask, dec))
     return out
 
 
-def _fit(tok, text: str, limit: int) -> str:
-    """`text` cut to fit `limit` tokens with the tokenizer's special tokens."""
+def _fit(tok, text: str, limit: int):
+    """`text` tokenized with the tokenizer's special tokens, cut to fit `limit` tokens."""
     ids = tok.encode(text)
     while True:
         try:
-            tok([text], max_length=limit)
-            return text
+            return tok([text], max_length=limit)
         except ValueError:  # too long
             ids = ids[:len(ids) - max(1, len(ids) // 16)]
             text = tok.decode(ids)
