@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU figure of BENCHMARKS.md in one go, for a lent GPU (about 7 minutes on an H100):
-# parity on CUDA, OPT (float16, with our int8/int4 variants) and Flan-T5 (bfloat16) side by side with
-# transformers at batch 1, 8, 32 and 256, then the open questions' A/B (where a batch of images
-# stalls; int8 products) and where Flan-T5's time goes (its decoding step's kernels). Logs and raw JSON go to OUTDIR; each step has a time limit, and the whole
+# parity on CUDA, OPT (float16) and Flan-T5 (bfloat16) side by side with
+# transformers at batch 1, 8, 32 and 256 (COMPARE adds ours-int8,ours-int4), then the open questions'
+# A/B (AB: sections of scripts/gpu_ab.py, default where a batch of images stalls) and where Flan-T5's
+# and then OPT's time goes at batch 256. Logs and raw JSON go to OUTDIR; each step has a time limit, and the whole
 # run stops starting steps after BUDGET seconds (default 540: a 15-minute lease, with its start).
 #
 #     bash scripts/gpu_bench.sh OUTDIR
@@ -28,13 +29,16 @@ run cuda_check 90 python3 scripts/cuda_check.py
 grep -o '"check": "[^"]*"[^}]*"ok": [a-z]*' "$out/cuda_check.log" | sed 's/"relative_error": [^,]*, //'
 run make 120 python3 -m blip2.bench make --model opt-2.7b --dir "$dir"
 run bench_opt 200 python3 -m blip2.bench run --model opt-2.7b --device cuda --dtype float16 --repeat 1 \
-    --batches 8,32,256 --compare transformers,ours-int8,ours-int4 --dir "$dir" --json "$out/bench_opt.json"
+    --batches 8,32,256 --compare "${COMPARE:-transformers}" --dir "$dir" --json "$out/bench_opt.json"
 grep '^|' "$out/bench_opt.log"
-run ab 120 python3 scripts/gpu_ab.py --model "$dir/opt-2.7b" --only stall,int8 --json "$out/ab.json"
-rm -rf "$dir/opt-2.7b"
+run ab 90 python3 scripts/gpu_ab.py --model "$dir/opt-2.7b" --only "${AB:-stall}" --json "$out/ab.json"
+grep -E '"(prep_encode_s|done_s|no_pinned_memory_s|chunks_of_64_s)"' "$out/ab.log"
+mv "$dir/opt-2.7b" "$dir/opt-2.7b.later"
 run make 120 python3 -m blip2.bench make --model flan-t5-xl --dir "$dir"
 run bench_t5 150 python3 -m blip2.bench run --model flan-t5-xl --device cuda --dtype bfloat16 --repeat 1 \
     --batches 8,32,256 --dir "$dir" --json "$out/bench_t5.json"
 grep '^|' "$out/bench_t5.log"
 run profile_t5 90 python3 scripts/gpu_profile.py --model "$dir/flan-t5-xl" --dtype bfloat16 --batch 256 \
     --json "$out/profile_t5.json"
+run profile_opt 90 python3 scripts/gpu_profile.py --model "$dir/opt-2.7b.later" --dtype float16 --batch 256 \
+    --json "$out/profile_opt.json"
