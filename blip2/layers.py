@@ -89,6 +89,13 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache holding these keys and values (a prefill's outputs)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
@@ -101,9 +108,7 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A new cache holding batch rows `rows` (one input's prefill shared by its beams)."""
-        new = KVCache.__new__(KVCache)
-        new.k, new.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
-        return new
+        return KVCache.of(self.k.index_select(1, rows), self.v.index_select(1, rows))
 
     def reorder(self, rows: torch.Tensor, start: int, end: int) -> None:
         """Keep batch rows `rows` (beam search), in place: only the rows that take another row's
@@ -211,13 +216,13 @@ class _Captured:
         self.bytes = sum(t.nbytes for t in state)
 
 
-def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
-    """One CUDA graph of fn on a copy of x (recorded, not run): (graph, its input, its output)."""
-    static = x.clone()
+def _capture(fn: Callable, *xs: torch.Tensor):
+    """One CUDA graph of fn on copies of xs (recorded, not run): (graph, its inputs, its output)."""
+    statics = [x.clone() for x in xs]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fn(static)
-    return graph, static, out
+        out = fn(*statics)
+    return graph, statics, out
 
 
 def _set(obj, path: str, value) -> None:
@@ -250,27 +255,45 @@ class GraphedSteps:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [rows]; logits [rows, vocab] (float32) for the next."""
         self._steps += 1
-        if tokens.device.type != "cuda" or self._steps == 1:  # the first step warms up what a capture needs
+        if tokens.device.type != "cuda":
             return self._step(tokens)
         if self._graph is None:
-            self._graph = self._reuse_or_capture(tokens)
+            # A kept graph serves from the first step; without one, the first step runs eagerly (it
+            # warms up what a capture needs) and the second captures.
+            self._graph = self._reuse(tokens)
+            if self._graph is None:
+                if self._steps == 1:
+                    return self._step(tokens)
+                self._graph = self._capture_step(tokens)
         self._graph.tokens.copy_(tokens)
         self._graph.graph.replay()
         return self._graph.logits.clone()
 
-    def _reuse_or_capture(self, tokens: torch.Tensor) -> _Captured:
+    def _key(self, tokens: torch.Tensor) -> tuple:
         state = [operator.attrgetter(path)(self) for path in self.STATE]
-        key = (type(self), tuple(tokens.shape), tuple((tuple(t.shape), t.dtype) for t in state))
+        return (type(self), tuple(tokens.shape), tuple((tuple(t.shape), t.dtype) for t in state))
+
+    def _reuse(self, tokens: torch.Tensor) -> _Captured | None:
+        """The kept graph of this shape, with this session's state copied in and adopted, if one is
+        free (not in use by a live session)."""
         kept: collections.OrderedDict = self.lm.__dict__.setdefault("_kept_graphs", collections.OrderedDict())
+        key = self._key(tokens)
         graph = kept.get(key)
-        if graph is not None and graph.owner() is None:  # not in use by a live session
-            for path, mine, static in zip(self.STATE, state, graph.state):
-                static.copy_(mine)
-                _set(self, path, static)
-            graph.owner = weakref.ref(self)
-            kept.move_to_end(key)
-            return graph
-        graph = _Captured(*_capture(self._step, tokens), state, self)  # the step is recorded, not run
+        if graph is None or graph.owner() is not None:
+            return None
+        for path, static in zip(self.STATE, graph.state):
+            static.copy_(operator.attrgetter(path)(self))
+            _set(self, path, static)
+        graph.owner = weakref.ref(self)
+        kept.move_to_end(key)
+        return graph
+
+    def _capture_step(self, tokens: torch.Tensor) -> _Captured:
+        kept: collections.OrderedDict = self.lm.__dict__.setdefault("_kept_graphs", collections.OrderedDict())
+        key = self._key(tokens)
+        state = [operator.attrgetter(path)(self) for path in self.STATE]
+        graph, (static,), logits = _capture(self._step, tokens)  # the step is recorded, not run
+        graph = _Captured(graph, static, logits, state, self)
         if graph.bytes <= KEEP_GRAPH_BYTES:
             kept[key] = graph
             while sum(g.bytes for g in kept.values()) > KEEP_GRAPH_BYTES:
@@ -279,26 +302,44 @@ class GraphedSteps:
 
 
 class GraphedCalls:
-    """fn(x) on CUDA through one captured CUDA graph per input shape: the first call of a shape runs
-    eagerly (warming up the libraries' kernels), the second captures, later ones replay. For the
-    vision encoder: a small batch is hundreds of kernels that Python launches slower than the GPU
-    runs them. Elsewhere fn runs as is."""
+    """fn(*xs) on CUDA through one captured CUDA graph per shape of its tensor inputs: the first call
+    of a shape runs eagerly (warming up the libraries' kernels), the second captures, later ones
+    replay, returning copies of fn's outputs (a tensor or a tuple of tensors). For the vision encoder
+    and the prompt's pass of the language model: hundreds of kernels that Python launches slower than
+    the GPU runs them. fn must be a pure function of its inputs. Elsewhere fn runs as is. `keep`
+    bounds the graphs held (least recently used dropped first)."""
 
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
-        self.fn = fn
+    def __init__(self, fn: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]], keep: int | None = None):
+        self.fn, self.keep = fn, keep
         self.seen: set = set()
-        self.graphs: dict = {}
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cuda":
-            return self.fn(x)
-        key = (tuple(x.shape), x.dtype)
+    def __call__(self, *xs: torch.Tensor):
+        if xs[0].device.type != "cuda":
+            return self.fn(*xs)
+        key = tuple((tuple(x.shape), x.dtype) for x in xs)
         if key not in self.graphs:
             if key not in self.seen:
                 self.seen.add(key)
-                return self.fn(x)
-            self.graphs[key] = _capture(self.fn, x)
-        graph, static, out = self.graphs[key]
-        static.copy_(x)
+                return self.fn(*xs)
+            self.graphs[key] = _capture(self.fn, *xs)
+            if self.keep is not None and len(self.graphs) > self.keep:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(key)
+        graph, statics, out = self.graphs[key]
+        for static, x in zip(statics, xs):
+            static.copy_(x)
         graph.replay()
-        return out.clone()
+        return out.clone() if isinstance(out, torch.Tensor) else tuple(o.clone() for o in out)
+
+
+# Prompts of up to this many positions in all (rows x positions) take their pass through CUDA graphs
+# (prompt_pass): beyond, the GPU's work outweighs Python's launches.
+GRAPHED_PROMPT_POSITIONS = 512
+
+
+def prompt_pass(lm: nn.Module, *inputs: torch.Tensor):
+    """lm.prompt(*inputs); on a GPU, for small prompts, through graphs kept on lm (eight shapes)."""
+    if inputs[0].device.type != "cuda" or inputs[0].shape[:2].numel() > GRAPHED_PROMPT_POSITIONS:
+        return lm.prompt(*inputs)
+    return lm.__dict__.setdefault("_prompt_graphs", GraphedCalls(lm.prompt, keep=8))(*inputs)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import OPTConfig
-from .layers import ACT, GraphedSteps, KVCache, attention, embedding
+from .layers import ACT, GraphedSteps, KVCache, attention, embedding, prompt_pass
 
 # OPT's learned position table has two extra rows in front (a fairseq legacy); position p reads row p + 2.
 POSITION_OFFSET = 2
@@ -115,6 +115,14 @@ class OPTForCausalLM(nn.Module):
         return KVCache(cfg.num_hidden_layers, batch, cfg.num_attention_heads, max_len,
                        cfg.hidden_size // cfg.num_attention_heads, dtype, device)
 
+    def prompt(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+        """The prompt's pass, a function of its inputs alone (so a CUDA graph can replay it): the logits
+        (float32) after each row's last position, and a new cache of mask.shape[-1] positions holding the
+        prompt's keys and values."""
+        cache = self.new_cache(embeds.shape[0], mask.shape[-1], embeds.dtype, embeds.device)
+        hidden = self(embeds, positions, mask, cache, torch.arange(embeds.shape[1], device=embeds.device))
+        return self.lm_head(hidden[:, -1]).float(), cache.k, cache.v
+
 
 def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] 0/1 padding mask -> boolean [B, 1, L, L]: causal, and padded keys hidden."""
@@ -144,7 +152,7 @@ class OPTSession(GraphedSteps):
         if max_len > lm.config.max_position_embeddings:
             raise ValueError(f"{n} input positions + {max_new_tokens} new tokens exceed the model's "
                              f"{lm.config.max_position_embeddings} positions")
-        self.cache = lm.new_cache(b, max_len, embeds.dtype, embeds.device)
+        self.cache: KVCache | None = None  # the prefill's
         self.valid = torch.zeros(b, max_len, dtype=torch.bool, device=embeds.device)
         self.valid[:, :n] = attention_mask.bool()
         self.next_pos = attention_mask.long().sum(1)  # positions count real tokens only
@@ -155,15 +163,16 @@ class OPTSession(GraphedSteps):
         """Logits [rows, vocab] (float32) for the token after each input."""
         n = self.embeds.shape[1]
         slots = torch.arange(n, device=self.embeds.device)
-        keys = torch.arange(self.cache.max_len, device=self.embeds.device)
+        keys = torch.arange(self.valid.shape[1], device=self.embeds.device)
         mask = ((keys[None, :] <= slots[:, None])[None] & self.valid[:, None, :])[:, None]
-        hidden = self.lm(self.embeds, positions_from_mask(self.mask), mask, self.cache, slots)
+        logits, k, v = prompt_pass(self.lm, self.embeds, positions_from_mask(self.mask), mask)
+        self.cache = KVCache.of(k, v)
         if self.copies > 1:
             rows = torch.arange(self.embeds.shape[0], device=self.embeds.device).repeat_interleave(self.copies)
             self.cache = self.cache.select(rows)
             self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
         self.embeds = self.mask = None
-        return self.lm.lm_head(hidden[:, -1]).float().repeat_interleave(self.copies, 0)
+        return logits.repeat_interleave(self.copies, 0)
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.valid.index_fill_(1, self.slot, True)

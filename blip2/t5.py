@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import T5Config
-from .layers import ACT, GraphedSteps, KVCache, attention, embedding
+from .layers import ACT, GraphedSteps, KVCache, attention, embedding, prompt_pass
 
 
 class T5LayerNorm(nn.Module):
@@ -202,6 +202,12 @@ class T5ForConditionalGeneration(nn.Module):
             cache.v[i] = att.heads(att.v(encoder_out))
         return cache
 
+    def prompt(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's pass, a function of its inputs alone (so a CUDA graph can replay it): the
+        encoder, then every decoder layer's cross-attention keys and values."""
+        cross = self.cross_kv(self.encode(embeds, attention_mask))
+        return cross.k, cross.v
+
     def decode(self, decoder_input_ids: torch.Tensor, cross: KVCache, encoder_mask: torch.Tensor,
                cache: KVCache | None = None, start: int | torch.Tensor = 0) -> torch.Tensor:
         """Decoder hidden states for decoder_input_ids [B, T] at positions start..start+T-1, ready for lm_head.
@@ -244,7 +250,7 @@ class T5Session(GraphedSteps):
                  copies: int, max_new_tokens: int):
         self.lm = lm
         rows = torch.arange(embeds.shape[0], device=embeds.device).repeat_interleave(copies)
-        self.cross = lm.cross_kv(lm.encode(embeds, attention_mask)).select(rows)
+        self.cross = KVCache.of(*prompt_pass(lm, embeds, attention_mask)).select(rows)
         self.encoder_mask = attention_mask[rows]
         self.cache = lm.new_cache(len(rows), max_new_tokens + 1, embeds.dtype, embeds.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=embeds.device)  # the next decoder position

@@ -4,7 +4,8 @@
 
 For OPT and Flan-T5: float32 logits (relative error), greedy and 3-beam new token ids against the
 reference's `generate`, both on CUDA (three times each: captured, then kept CUDA graphs); the
-graphed vision encoder against the eager one; normalisation on the GPU against the CPU's; then float16 (OPT) / bfloat16 (T5) and int8 / int4 weight-only
+graphed vision encoder against the eager one; the prompt's pass through its CUDA graph against
+the eager pass; normalisation on the GPU against the CPU's; then float16 (OPT) / bfloat16 (T5) and int8 / int4 weight-only
 generation running end to end on CUDA; GPTQ's codes on CUDA against the CPU's. Prints one JSON line
 per check; exits 1 if a parity check fails.
 """
@@ -24,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import blip2  # noqa: E402
 import blip2.layers as layers  # noqa: E402
 from blip2.generation import GenerationConfig  # noqa: E402
+from blip2.opt import OPTSession  # noqa: E402
+from blip2.t5 import T5Session  # noqa: E402
 from checkpoints import opt_inputs, pixels, reference, rel_err, t5_inputs, tiny_config, write_checkpoint  # noqa: E402
 
 
@@ -39,6 +42,23 @@ def _attention(model, products: bool):
     finally:
         layers.SINGLE_QUERY_ROWS = default
         model.model.language_model.__dict__.pop("_kept_graphs", None)
+
+
+def _prompt_state(model, queries, ids, mask, graphed: bool) -> tuple[torch.Tensor, ...]:
+    """What a session's prompt pass leaves (8 new tokens' room, as the checks' generate calls)."""
+    default = layers.GRAPHED_PROMPT_POSITIONS
+    layers.GRAPHED_PROMPT_POSITIONS = default if graphed else 0
+    try:
+        with torch.inference_mode():
+            lm = model.model.language_model
+            embeds, full = model.model.embed_inputs(queries, ids, mask)
+            if model.config.is_encoder_decoder:
+                s = T5Session(lm, embeds, full, 1, 8)
+                return s.cross.k, s.cross.v
+            s = OPTSession(lm, embeds, full, 1, 8)
+            return s.prefill(), s.cache.k, s.cache.v
+    finally:
+        layers.GRAPHED_PROMPT_POSITIONS = default
 
 
 def main() -> int:
@@ -93,6 +113,15 @@ def main() -> int:
         print(json.dumps({"check": f"{lm} graphed vision encoder equals eager", "ok": same,
                           "relative_error": rel_err(graphed, eager)}), flush=True)
         ok &= same
+        # The prompt's pass through its kept CUDA graph (captured by the second generate above) gives
+        # the eager pass's bits: OPT's logits and cache, T5's cross-attention keys and values.
+        queries = ours.encode_images(px)
+        eager = _prompt_state(ours, queries, ids.cuda(), mask.cuda(), graphed=False)
+        graphed = [_prompt_state(ours, queries, ids.cuda(), mask.cuda(), graphed=True) for _ in range(3)]
+        same = [all(torch.equal(a, b) for a, b in zip(eager, g)) for g in graphed]
+        print(json.dumps({"check": f"{lm} prompt pass through CUDA graphs equals eager", "ok": all(same),
+                          "each": same}), flush=True)
+        ok &= all(same)
         # Images normalised on the GPU give the CPU's bits.
         resized = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
         norm = ours.image_processor

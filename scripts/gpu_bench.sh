@@ -2,7 +2,7 @@
 # Every GPU figure of BENCHMARKS.md in one go, for a lent GPU (about 7 minutes on an H100):
 # parity on CUDA, OPT (float16) and Flan-T5 (bfloat16) side by side with
 # transformers at batch 1, 8, 32 and 256 (COMPARE adds ours-int8,ours-int4), then the open questions'
-# A/B (AB: sections of scripts/gpu_ab.py, default where a batch of images stalls) and where Flan-T5's
+# A/B (AB: sections of scripts/gpu_ab.py, default where a batch of images stalls; empty: none) and where Flan-T5's
 # and then OPT's time goes at batch 256. Logs and raw JSON go to OUTDIR; each step has a time limit, and the whole
 # run stops starting steps after BUDGET seconds (default 540: a 15-minute lease, with its start).
 #
@@ -31,8 +31,8 @@ run make 120 python3 -m blip2.bench make --model opt-2.7b --dir "$dir"
 run bench_opt 200 python3 -m blip2.bench run --model opt-2.7b --device cuda --dtype float16 --repeat 1 \
     --batches 8,32,256 --compare "${COMPARE:-transformers}" --dir "$dir" --json "$out/bench_opt.json"
 grep '^|' "$out/bench_opt.log"
-run ab 90 python3 scripts/gpu_ab.py --model "$dir/opt-2.7b" --only "${AB:-stall}" --json "$out/ab.json"
-grep -E '"(prep_encode_s|done_s|no_pinned_memory_s|chunks_of_64_s)"' "$out/ab.log"
+[[ -n ${AB-stall} ]] && run ab 90 python3 scripts/gpu_ab.py --model "$dir/opt-2.7b" --only "${AB-stall}" --json "$out/ab.json"
+[[ -n ${AB-stall} ]] && grep -E '"(prep_encode_s|done_s|no_pinned_memory_s|chunks_of_64_s)"' "$out/ab.log"
 mv "$dir/opt-2.7b" "$dir/opt-2.7b.later"
 run make 120 python3 -m blip2.bench make --model flan-t5-xl --dir "$dir"
 run bench_t5 150 python3 -m blip2.bench run --model flan-t5-xl --device cuda --dtype bfloat16 --repeat 1 \
