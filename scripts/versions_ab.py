@@ -1,8 +1,9 @@
 """Two checkouts of blip2 against each other, in alternating fresh processes, on one model: load time,
-one image end to end (20 tokens), decoding per token and a batch of 8. Tells the code from the
+one image end to end (20 tokens), decoding per token (from end-to-end times, and from the image's
+queries alone), the prompt's pass and a batch of 8. Tells the code from the
 machine's drift when a benchmark run comes out slower.
 
-    python scripts/versions_ab.py --model ~/.cache/blip2/bench/opt-2.7b OLD_CHECKOUT NEW_CHECKOUT [--rounds 2]
+    python scripts/versions_ab.py --model ~/.cache/blip2/bench/opt-2.7b OLD_CHECKOUT NEW_CHECKOUT [--rounds 2] [--dtype D]
 
 (make an old checkout with `git worktree add /tmp/old REV`.)
 """
@@ -20,7 +21,7 @@ import statistics, sys, time
 start = time.perf_counter()
 import blip2
 from blip2.bench import PROMPT, write_images
-m = blip2.load(sys.argv[1], dtype="bfloat16")
+m = blip2.load(sys.argv[1], dtype=sys.argv[3])
 load = time.perf_counter() - start
 files = iter(write_images(__import__("pathlib").Path(sys.argv[2]), 20))
 def answer(n, k):
@@ -30,7 +31,19 @@ def answer(n, k):
 answer(1, 2)
 e20 = statistics.median(answer(1, 20) for _ in range(2))
 e1 = statistics.median(answer(1, 1) for _ in range(2))
+import torch
+from blip2.generation import GenerationConfig
+queries = m.encode_images(m.pixel_values([next(files)]))
+ids = m.tokenizer([PROMPT], max_length=m.max_prompt_tokens(GenerationConfig(max_new_tokens=20)))
+def from_queries(k):  # no image encoding: the prompt's pass, then k - 1 decoding steps
+    t = time.perf_counter()
+    with torch.inference_mode():
+        m.model.generate(queries, ids.input_ids, ids.attention_mask, GenerationConfig(max_new_tokens=k, min_new_tokens=k))
+    return time.perf_counter() - t
+q1 = statistics.median(from_queries(1) for _ in range(2))
+q20 = statistics.median(from_queries(20) for _ in range(2))
 print(f"load {load:.1f} s, one image {e20:.2f} s, decode {1e3 * (e20 - e1) / 19:.0f} ms/token, "
+      f"from the queries: prompt {q1:.2f} s, decode {1e3 * (q20 - q1) / 19:.0f} ms/token, "
       f"batch 8 {8 / answer(8, 20):.3f} images/s")
 """
 
@@ -39,13 +52,14 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--images", default="/tmp/blip2-ab-images")
     parser.add_argument("checkouts", nargs=2, type=Path)
     args = parser.parse_args()
     for r in range(args.rounds):
         for checkout in args.checkouts:
             env = dict(os.environ, PYTHONPATH=str(checkout.resolve()))
-            out = subprocess.run([sys.executable, "-c", MEASURE, args.model, args.images], env=env,
+            out = subprocess.run([sys.executable, "-c", MEASURE, args.model, args.images, args.dtype], env=env,
                                  capture_output=True, text=True)
             line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"failed: {out.stderr[-300:]}"
             print(f"round {r + 1}, {checkout}: {line}", flush=True)
