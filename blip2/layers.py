@@ -269,31 +269,32 @@ class GraphedSteps:
         self._graph.graph.replay()
         return self._graph.logits.clone()
 
-    def _key(self, tokens: torch.Tensor) -> tuple:
-        state = [operator.attrgetter(path)(self) for path in self.STATE]
-        return (type(self), tuple(tokens.shape), tuple((tuple(t.shape), t.dtype) for t in state))
+    def _state(self) -> list[torch.Tensor]:
+        return [operator.attrgetter(path)(self) for path in self.STATE]
+
+    def _kept(self, tokens: torch.Tensor) -> tuple[collections.OrderedDict, tuple]:
+        """The graphs kept on the language model, and this session's key among them (its shapes)."""
+        kept = self.lm.__dict__.setdefault("_kept_graphs", collections.OrderedDict())
+        return kept, (type(self), tuple(tokens.shape), tuple((tuple(t.shape), t.dtype) for t in self._state()))
 
     def _reuse(self, tokens: torch.Tensor) -> _Captured | None:
         """The kept graph of this shape, with this session's state copied in and adopted, if one is
         free (not in use by a live session)."""
-        kept: collections.OrderedDict = self.lm.__dict__.setdefault("_kept_graphs", collections.OrderedDict())
-        key = self._key(tokens)
+        kept, key = self._kept(tokens)
         graph = kept.get(key)
         if graph is None or graph.owner() is not None:
             return None
-        for path, static in zip(self.STATE, graph.state):
-            static.copy_(operator.attrgetter(path)(self))
+        for path, mine, static in zip(self.STATE, self._state(), graph.state):
+            static.copy_(mine)
             _set(self, path, static)
         graph.owner = weakref.ref(self)
         kept.move_to_end(key)
         return graph
 
     def _capture_step(self, tokens: torch.Tensor) -> _Captured:
-        kept: collections.OrderedDict = self.lm.__dict__.setdefault("_kept_graphs", collections.OrderedDict())
-        key = self._key(tokens)
-        state = [operator.attrgetter(path)(self) for path in self.STATE]
+        kept, key = self._kept(tokens)
         graph, (static,), logits = _capture(self._step, tokens)  # the step is recorded, not run
-        graph = _Captured(graph, static, logits, state, self)
+        graph = _Captured(graph, static, logits, self._state(), self)
         if graph.bytes <= KEEP_GRAPH_BYTES:
             kept[key] = graph
             while sum(g.bytes for g in kept.values()) > KEEP_GRAPH_BYTES:
@@ -342,4 +343,7 @@ def prompt_pass(lm: nn.Module, *inputs: torch.Tensor):
     """lm.prompt(*inputs); on a GPU, for small prompts, through graphs kept on lm (eight shapes)."""
     if inputs[0].device.type != "cuda" or inputs[0].shape[:2].numel() > GRAPHED_PROMPT_POSITIONS:
         return lm.prompt(*inputs)
-    return lm.__dict__.setdefault("_prompt_graphs", GraphedCalls(lm.prompt, keep=8))(*inputs)
+    graphs = lm.__dict__.get("_prompt_graphs")
+    if graphs is None:
+        graphs = lm.__dict__["_prompt_graphs"] = GraphedCalls(lm.prompt, keep=8)
+    return graphs(*inputs)
