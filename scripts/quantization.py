@@ -5,6 +5,7 @@
     python scripts/quantization.py probe --model DIR --dtype bfloat16 --quantize int4 [--logits out.pt]
     python scripts/quantization.py parts --model DIR [--mode int4] [--parts head,language,vision,qformer]
     python scripts/quantization.py products [--rows 1,2,3,4,5,8,16,32,64,128] [--dtype float32]
+    python scripts/quantization.py floor --model DIR [--levels 0.0997,0.0975,0.0625,0.0532]
 
 Memory: resident set size (VmRSS) right after `import torch, blip2`, right after `blip2.load`, and the
 peak (VmHWM) over the whole load; the model's share is the difference. Speed: milliseconds per decoded
@@ -236,6 +237,47 @@ def parts_error(model_dir: str, mode: str = "int4", parts: tuple[str, ...] = tup
     return results
 
 
+# Relative error per weight of 4-bit codes for Gaussian weights: int4 rounded to nearest in groups of
+# 128 (what the `parts` command measures on these weights), the best 16-level scalar quantizer
+# (Lloyd-Max, 0.0095 of the variance), and the rate-distortion bound D = 2^(-2R) at R = 4 bits per
+# weight and at the 4.25 bits int4 spends with its bfloat16 scale and zero per group of 128.
+FLOOR_LEVELS = (0.0997, 0.0975, 0.0625, 0.0532)
+
+
+def floor_error(model_dir: str, levels: tuple[float, ...] = FLOOR_LEVELS, seed: int = 0) -> list[dict]:
+    """What int4 mode's logits error would be with an ideal code: every layer that int4 mode keeps at
+    4 bits gets an independent Gaussian error of `level` times its weight's norm (the error of a
+    code at that distortion that does not shape it by the inputs, as rounding does not), the int8
+    layers (embedding, head, Q-Former) rounded as int4 mode rounds them; logits against float32."""
+    import torch
+
+    import blip2
+    import blip2.api
+    from blip2.quantize import Quantization, dequantize_weight, layer_quantization, quantize_weight, target_names
+
+    blip2.api.can_pack = lambda *args: False
+    q = Quantization("int4")
+    torch.set_grad_enabled(False)
+    reference = teacher_forced_logits(blip2.load(model_dir, dtype="float32"))
+    results = []
+    for level in levels:
+        g = torch.Generator().manual_seed(seed)
+        model = blip2.load(model_dir, dtype="float32")
+        for name in target_names(model.model, q):
+            module, lq = model.model.get_submodule(name), layer_quantization(name, q)
+            w = module.weight.data
+            if lq.mode == "int8":
+                module.weight.data = dequantize_weight(quantize_weight(w, lq), lq)
+            else:
+                noise = torch.randn(w.shape, generator=g)
+                w.add_(noise, alpha=float(level * w.norm() / noise.norm()))
+        r = {"level": level, **compare(reference, teacher_forced_logits(model))}
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        results.append(r)
+        del model
+    return results
+
+
 def qformer_precision(model_dir: str, dtype: str = "bfloat16", images: int = 8, new_tokens: int = 20) -> dict:
     """Does running the Q-Former in `dtype` rather than float32 (the rest of the model in `dtype`
     either way) change the outputs? Relative error of encode_images against the float32 model's, and
@@ -361,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     pa.add_argument("--model", required=True)
     pa.add_argument("--mode", choices=["int8", "int4"], default="int4")
     pa.add_argument("--parts", default=",".join(PARTS))
+    fl = sub.add_parser("floor", help="int4 mode's logits error with an ideal code's error at each level")
+    fl.add_argument("--model", required=True)
+    fl.add_argument("--levels", default=",".join(map(str, FLOOR_LEVELS)))
     pr = sub.add_parser("products", help="ms per OPT-2.7b layer's quantized products, each CPU path, per rows")
     pr.add_argument("--rows", default="1,2,3,4,5,8,16,32,64,128")
     pr.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -379,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in parts_error(args.model, args.mode, tuple(args.parts.split(","))):
             print(f"| {r['part']} | {r['layers']} | {r['weight_error']:.4f} | {r['relative_error']:.4f} | "
                   f"{r['top1_agreement']:.3f} |")
+        return 0
+    if args.command == "floor":
+        for r in floor_error(args.model, tuple(float(x) for x in args.levels.split(","))):
+            print(f"| {r['level']:.4f} | {r['relative_error']:.4f} | {r['top1_agreement']:.3f} |")
         return 0
     if args.command == "qformer":
         print(json.dumps(qformer_precision(args.model, args.dtype, args.images), indent=2))
