@@ -225,12 +225,17 @@ def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
 
 
+def _pack_cuda_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Portable nibbles to the CUDA int4 kernel's layout (torch's op takes uint8 [N, K/2] with the even
+    column in the high nibble)."""
+    swapped = (packed << 4) | (packed >> 4)
+    return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(packed.shape[1] * 2))
+
+
 def _pack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Portable nibbles to the int4 kernel's layout on their device."""
     if packed.device.type == "cuda":
-        # The CUDA op takes uint8 [N, K/2] with the even column in the high nibble.
-        swapped = (packed << 4) | (packed >> 4)
-        return torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), _inner_k_tiles(packed.shape[1] * 2))
+        return _pack_cuda_int4(packed)
     # The layout is independent across blocks of rows and the last rows: large weights are packed in
     # slices of multiples of 64 rows (whole blocks in either layout), to keep temporaries small.
     block = cpu_int4_block()
@@ -310,6 +315,69 @@ def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
     return torch.addcmul(sz[..., 1].contiguous()[:, None], w, sz[..., 0].contiguous()[:, None], out=w).view(k, r)
 
 
+# torch's CUDA int4 kernel (tinygemm) lays a weight [N, K] out as int32 [N/8, K/(16t), 32, t/2]
+# (t = _inner_k_tiles(K)): tiles of 8 rows x 16t columns in row-major order, each tile's 128t nibbles
+# in the order the tensor cores' fragments read them. That order is read off torch's own packing op
+# once per t (_tile_order) and checked on a weight of several tiles, so that products of many rows can
+# widen the weight from the one copy the layer holds (the kernel is built for a few rows: 18x slower
+# than float16 at 256, BENCHMARKS.md GPU run 5).
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit value of a packed tensor in memory order (byte by byte, the low nibble first: for
+    int32 words on a little-endian machine, the word's bits 0-3, 4-7, ...)."""
+    b = packed.contiguous().view(torch.uint8)
+    return torch.stack([b & 15, b >> 4], -1).view(-1)
+
+
+def _tile_order(k: int, pack, device) -> torch.Tensor | None:
+    """For the layout `pack` makes of weights with k inputs: the memory slot of each element of a tile
+    of 8 x 16t (row-major), found by packing three probes whose codes spell each element's index 4 bits
+    at a time; None if the packing is not tiled so (checked on a weight of 16 x k)."""
+    cols = 16 * _inner_k_tiles(k)
+    index = torch.arange(8 * cols, device=device)
+    found = torch.zeros_like(index)
+    for shift in (0, 4, 8):  # 8 * 16t <= 1024 elements: three nibbles name each
+        codes = ((index >> shift) & 15).to(torch.uint8).view(8, cols)
+        found |= _nibbles(pack(codes[:, 0::2] | (codes[:, 1::2] << 4))).long() << shift
+    if not torch.equal(found.sort().values, index):
+        return None
+    order = torch.empty_like(found)
+    order[found] = index  # found[slot] = element  ->  order[element] = slot
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (16, k), dtype=torch.uint8, generator=g).to(device)
+    unpacked = _unpack_tiles(pack(codes[:, 0::2] | (codes[:, 1::2] << 4)), order, 16, k)
+    return order if torch.equal(unpacked, codes) else None
+
+
+def _unpack_tiles(packed: torch.Tensor, order: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A tiled int4 weight (see above) back to its codes, uint8 [N, K]."""
+    cols = order.numel() // 8
+    tiles = _nibbles(packed).view(n // 8, k // cols, 8 * cols)[..., order]
+    return tiles.view(n // 8, k // cols, 8, cols).transpose(1, 2).reshape(n, k)
+
+
+@functools.cache
+def cuda_int4_order(k: int, device: str) -> torch.Tensor | None:
+    """_tile_order for torch's CUDA int4 layout (None, with a warning, if it is not tiled as known:
+    products then stay on torch's kernel at every size)."""
+    order = _tile_order(k, _pack_cuda_int4, torch.device(device))
+    if order is None:
+        log.warning("this torch's CUDA int4 layout is not one blip2 knows: int4 products of many rows "
+                    "stay on torch's kernel (same results, slower)")
+    return order
+
+
+def _dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, n: int, k: int,
+                          order: torch.Tensor) -> torch.Tensor:
+    """A weight in the CUDA int4 layout widened to bfloat16 [N, K]: (q - 8) * s + z, as the kernel
+    computes it (one rounding: the product is exact in float32)."""
+    codes = _unpack_tiles(packed, order, n, k).view(n, k // group_size, group_size)
+    sz = scales_and_zeros.transpose(0, 1)  # [N, K/G, 2]
+    w = (codes.float() - 8).mul_(sz[..., :1].float()).add_(sz[..., 1:].float())
+    return w.to(torch.bfloat16).view(n, k)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The layer
 
@@ -322,6 +390,9 @@ def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
 # 632 against 461 at 512; int4 263 against 256 at 256).
 _GEMM_ROWS = {"int8": 32, "int4": 128}
 _OWN_GEMM_ROWS = 256
+# From this many rows on, CUDA int4 products widen the weight to bfloat16 and use the GEMM
+# (`scripts/cuda_check.py` times both on opt-2.7b's layers).
+CUDA_INT4_GEMM_ROWS = 64
 # Weight elements widened at a time. int8: 64 MB in bfloat16, the largest OPT-2.7b layer (fc1, 26 M)
 # at once, the head in 4 parts. int4: 2 M, so the dequantization's temporaries stay small (at 257
 # rows 2.5-3x faster than the kernel on the vision encoder's layers, measured).
@@ -404,6 +475,10 @@ class QuantizedLinear(nn.Module):
         block = cpu_int4_block()
         self.widen_from = (_OWN_GEMM_ROWS if self.own_product else _GEMM_ROWS[self.q.mode]) if cpu and (
             self.q.mode == "int8" or block and self.out_features % block == 0) else None
+        # CUDA int4: the tile order many-row products unpack the weight with (found here, at load,
+        # never while a CUDA graph is being captured)
+        self.cuda_order = cuda_int4_order(self.in_features, str(parts["weight"].device)) if (
+            self.q.mode == "int4" and parts["weight"].device.type == "cuda") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -414,6 +489,12 @@ class QuantizedLinear(nn.Module):
             # prompt too) the weight widened to the activations' dtype through the float GEMM is faster
             # (than torch's kernels: int8 up to 6x, int4 on the vision encoder 2.5x).
             y = self._widened_linear(x)
+        elif self.cuda_order is not None and x.shape[0] >= CUDA_INT4_GEMM_ROWS:
+            # CUDA int4, many rows (image patches, prompts, large batches): tinygemm works a few rows
+            # at a time; the weight widened to bfloat16 through the GEMM is faster from here on.
+            w = _dequantize_cuda_int4(self.weight, self.scales_and_zeros, self.q.group_size, self.out_features,
+                                      self.in_features, self.cuda_order)
+            y = F.linear(x.to(torch.bfloat16), w).to(self.dtype)
         elif self.q.mode == "int8" and not (cpu or x.device.type == "mps"):
             # CUDA: the weight widened (int8 values are exact in half precision) and the scales applied
             # to the float32 output, as the CPU kernel does: 1.7x faster than scaling the widened weight

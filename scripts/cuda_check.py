@@ -137,9 +137,16 @@ def main() -> int:
                     with _attention(m, products=True):
                         products = m.model.generate(m.encode_images(px), ids.cuda(), mask.cuda(), GenerationConfig(max_new_tokens=8))
                 tokens = [h[0].token_ids for h in res]
+                extra = {}
+                if quantize == "int4":  # a fresh model whose int4 products all widen the weight
+                    with _int4_gemm_rows(1), torch.inference_mode():
+                        m = blip2.load(path, dtype=half, device="cuda", quantize=quantize)
+                        widened = m.model.generate(m.encode_images(px), ids.cuda(), mask.cuda(),
+                                                   GenerationConfig(max_new_tokens=8))
+                    extra["same_tokens_with_every_product_widened"] = tokens == [h[0].token_ids for h in widened]
                 print(json.dumps({"check": f"{lm} {half} {quantize or 'unquantized'} generate on cuda", "tokens": tokens,
                                   "same_tokens_with_products_attention": tokens == [h[0].token_ids for h in products],
-                                  "ok": True}), flush=True)
+                                  **extra, "ok": True}), flush=True)
             except Exception as e:  # report and go on: these paths had never run on a GPU
                 print(json.dumps({"check": f"{lm} {half} {quantize} generate on cuda", "ok": False,
                                   "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
@@ -158,7 +165,40 @@ def main() -> int:
         print(json.dumps({"check": f"GPTQ {mode} on cuda equals cpu", "agreement": agree, "ok": agree > 0.99}),
               flush=True)
         ok &= agree > 0.99
+    # int4 products of many rows widen the weight from tinygemm's layout: the tile order read off
+    # torch's packing op, the codes unpacked exactly, the product as the kernel's (full-size shapes:
+    # OPT-2.7b's fc1 and fc2, the vision encoder's qkv and fc2, Flan-T5-xl's wi).
+    from blip2.quantize import QuantizedLinear, _pack_int4, _unpack_tiles, cuda_int4_order, quantize_weight
+
+    for n, k in ((10240, 2560), (2560, 10240), (4224, 1408), (1408, 6144), (5120, 2048)):
+        w = torch.randn(n, k, generator=g) * 0.02
+        portable = quantize_weight(w, Quantization("int4"))["weight"]
+        codes = torch.stack([portable & 15, portable >> 4], -1).view(n, k)
+        order = cuda_int4_order(k, "cuda:0")
+        exact = order is not None and torch.equal(_unpack_tiles(_pack_int4(portable.cuda()), order, n, k).cpu(), codes)
+        layer = QuantizedLinear(k, n, False, Quantization("int4"), torch.bfloat16)
+        layer.load_parameter("weight", w.cuda())
+        x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            kernel = torch.ops.aten._weight_int4pack_mm(x, layer.weight, 128, layer.scales_and_zeros).float()
+            error = rel_err(layer(x).float(), kernel)
+        good = exact and error < 1e-2
+        print(json.dumps({"check": f"int4 {n}x{k} widened from the kernel's layout", "codes_exact": exact,
+                          "relative_error_vs_kernel": error, "ok": good}), flush=True)
+        ok &= good
     return 0 if ok else 1
+
+
+@contextlib.contextmanager
+def _int4_gemm_rows(rows: int):
+    import blip2.quantize as quantize
+
+    saved = quantize.CUDA_INT4_GEMM_ROWS
+    quantize.CUDA_INT4_GEMM_ROWS = rows
+    try:
+        yield
+    finally:
+        quantize.CUDA_INT4_GEMM_ROWS = saved
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ Sections (--only):
   (weight widened, scales on the float32 output), with the scales on a float16 output, that through
   torch.compile (default and, at few rows, max-autotune), against float16's product and int4's
   (tinygemm); and what unpacking an int4 weight from tinygemm's layout costs (for many rows);
+- `int4`: int4 products of OPT-2.7b's and the vision encoder's shapes at 1-2048 rows: tinygemm
+  against the weight widened to bfloat16 from tinygemm's layout for the GEMM (what the library does
+  from `quantize.CUDA_INT4_GEMM_ROWS` rows on), that widening alone, and float16's product;
 - `overlap`: encoding images on a second CUDA stream while a batch decodes on the first: whether
   the compute-bound encoder and the memory-bound decoding step overlap.
 
@@ -192,6 +195,39 @@ def int8_ab(dtype: torch.dtype, device: str = "cuda") -> dict[str, object]:
     return out
 
 
+def int4_ab(device: str = "cuda") -> dict[str, object]:
+    """int4 products on CUDA, ms per product (graphed), per row count: tinygemm, widened, float16."""
+    from blip2.quantize import Quantization, QuantizedLinear, _dequantize_cuda_int4
+
+    out: dict[str, object] = {}
+    torch.manual_seed(0)
+    shapes = {"fc1": (10240, 2560), "fc2": (2560, 10240), "q": (2560, 2560), "vision_fc2": (1408, 6144)}
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=device) / k ** 0.5
+        q4 = QuantizedLinear(k, n, False, Quantization("int4"), torch.bfloat16)
+        q4.load_parameter("weight", w)
+        wh = w.half()
+        widen = lambda: _dequantize_cuda_int4(q4.weight, q4.scales_and_zeros, 128, n, k, q4.cuda_order)  # noqa: E731
+        with torch.inference_mode():
+            out[f"{name}_widen_ms"] = _graphed_ms(widen, calls=5)
+        for rows in (1, 16, 32, 64, 128, 256, 2048):
+            x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+            xh = x.half()
+            variants = {"float16": lambda: F.linear(xh, wh),
+                        "int4_kernel": lambda: torch.ops.aten._weight_int4pack_mm(x, q4.weight, 128, q4.scales_and_zeros),
+                        "int4_widened": lambda: F.linear(x, widen())}
+            row: dict[str, object] = {}
+            with torch.inference_mode():
+                for v, fn in variants.items():
+                    row[f"{v}_ms"] = _graphed_ms(fn)
+                kernel = variants["int4_kernel"]().double()
+                row["widened_rel_err_vs_kernel"] = float((variants["int4_widened"]().double() - kernel).norm()
+                                                         / kernel.norm())
+            out[f"{name}_rows{rows}"] = row
+            print(json.dumps({f"{name}_rows{rows}": row}), flush=True)
+    return out
+
+
 def overlap_ab(m, px, seconds, batch: int = 256, steps: int = 20) -> dict[str, object]:
     """Encoding 4 chunks of images on a side stream while `steps` decoding steps of a `batch` batch
     replay on the main one, against each alone."""
@@ -244,7 +280,7 @@ def main() -> int:
     parser.add_argument("--images", type=Path, default=Path("/tmp/blip2-profile-images"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="float16")
-    parser.add_argument("--only", default="images,attention,encoder,int8,overlap,stall")
+    parser.add_argument("--only", default="images,attention,encoder,int8,int4,overlap,stall")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -262,6 +298,11 @@ def main() -> int:
     if "int8" in only:  # no model needed: first, so that a later failure keeps it
         out["int8"] = int8_ab(getattr(torch, args.dtype), args.device)
         save()
+    if "int4" in only:  # no model needed either
+        out["int4"] = int4_ab(args.device)
+        save()
+    if not only - {"int8", "int4"}:
+        return 0
     m = blip2.load(args.model, dtype=args.dtype, device=args.device)
     files = write_images(args.images, max(batches))
     px = m.pixel_values(files).to(args.device)

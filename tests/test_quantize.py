@@ -397,6 +397,53 @@ def test_quantizing_a_pytorch_bin_checkpoint_equals_safetensors(ckpt_root):
 
 
 
+def _fake_tiled_pack(perm: torch.Tensor):
+    """A packing op laid out as torch's CUDA int4 one is (int32 [N/8, K/16t, 32, t/2], tiles of
+    8 x 16t row-major, each tile's nibbles in some fixed order: slot s holds element perm[s]), for
+    checking on the CPU that blip2 reads such an order off the op and unpacks by it."""
+    from blip2.quantize import _inner_k_tiles, _unpack_nibbles
+
+    def pack(portable: torch.Tensor) -> torch.Tensor:
+        n, k = portable.shape[0], portable.shape[1] * 2
+        t = _inner_k_tiles(k)
+        codes = _unpack_nibbles(portable).to(torch.uint8).view(n // 8, 8, k // (16 * t), 16 * t).transpose(1, 2)
+        slots = codes.reshape(n // 8, k // (16 * t), -1)[..., perm]
+        return (slots[..., 0::2] | (slots[..., 1::2] << 4)).contiguous().view(torch.int32).view(
+            n // 8, k // (16 * t), 32, t // 2)
+    return pack
+
+
+@pytest.mark.parametrize("k", [256, 192, 96])  # 8, 4 and 2 k-tiles per tile
+def test_cuda_int4_layout_is_read_off_the_packing_op(k):
+    from blip2.quantize import _dequantize_cuda_int4, _inner_k_tiles, _tile_order, _unpack_tiles
+
+    size = 8 * 16 * _inner_k_tiles(k)
+    g = torch.Generator().manual_seed(k)
+    pack = _fake_tiled_pack(torch.randperm(size, generator=g))
+    order = _tile_order(k, pack, torch.device("cpu"))
+    assert order is not None
+    q = Quantization("int4", 32)
+    parts = quantize_weight(torch.randn(24, k, generator=g) * 0.02, q)
+    packed = pack(parts["weight"])
+    codes = _unpack_nibbles_u8(parts["weight"])
+    assert torch.equal(_unpack_tiles(packed, order, 24, k), codes)
+    sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1).bfloat16().contiguous()
+    widened = _dequantize_cuda_int4(packed, sz, 32, 24, k, order)
+    exact = dequantize_weight({"weight": parts["weight"], "scales": sz[..., 0].T.float(),
+                               "zeros": sz[..., 1].T.float()}, q)
+    assert widened.dtype == torch.bfloat16 and torch.equal(widened, exact.bfloat16())
+
+    def untiled(portable):  # a layout whose order crosses tiles: not read as tiles
+        flat = pack(portable).view(-1)
+        return flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(1))].view(
+            pack(portable).shape)
+    assert _tile_order(k, untiled, torch.device("cpu")) is None
+
+
+def _unpack_nibbles_u8(portable: torch.Tensor) -> torch.Tensor:
+    return torch.stack([portable & 15, portable >> 4], -1).view(portable.shape[0], -1)
+
+
 def _block32_layer(rows: int, k: int, group_size: int, seed: int):
     """An int4 weight packed as torch's AVX2 layout lays it (blocks of 32 rows), on any x86 machine,
     its bfloat16 scales and zeros, and the float64 weight they stand for."""
