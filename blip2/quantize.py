@@ -331,9 +331,10 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _tile_order(k: int, pack, device) -> torch.Tensor | None:
-    """For the layout `pack` makes of weights with k inputs: the memory slot of each element of a tile
-    of 8 x 16t (row-major), found by packing three probes whose codes spell each element's index 4 bits
-    at a time; None if the packing is not tiled so (checked on a weight of 16 x k)."""
+    """For the layout `pack` makes of weights with k inputs: where each element of a band of 8 rows
+    (8 x k, row-major) lies among the band's packed nibbles. The order within a tile (8 x 16t) is found
+    by packing three probes whose codes spell each element's index 4 bits at a time; None if the
+    packing is not tiled so (checked on a weight of 16 x k)."""
     cols = 16 * _inner_k_tiles(k)
     index = torch.arange(8 * cols, device=device)
     found = torch.zeros_like(index)
@@ -344,17 +345,19 @@ def _tile_order(k: int, pack, device) -> torch.Tensor | None:
         return None
     order = torch.empty_like(found)
     order[found] = index  # found[slot] = element  ->  order[element] = slot
+    # Where each element of a band of 8 rows (row-major, 8 x k) lies among the band's nibbles
+    tiles = torch.arange(k // cols, device=device)[None, :, None] * (8 * cols)
+    band = (tiles + order.view(8, 1, cols)).reshape(-1)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (16, k), dtype=torch.uint8, generator=g).to(device)
-    unpacked = _unpack_tiles(pack(codes[:, 0::2] | (codes[:, 1::2] << 4)), order, 16, k)
-    return order if torch.equal(unpacked, codes) else None
+    unpacked = _unpack_tiles(pack(codes[:, 0::2] | (codes[:, 1::2] << 4)), band, 16, k)
+    return band if torch.equal(unpacked, codes) else None
 
 
-def _unpack_tiles(packed: torch.Tensor, order: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """A tiled int4 weight (see above) back to its codes, uint8 [N, K]."""
-    cols = order.numel() // 8
-    tiles = _nibbles(packed).view(n // 8, k // cols, 8 * cols)[..., order]
-    return tiles.view(n // 8, k // cols, 8, cols).transpose(1, 2).reshape(n, k)
+def _unpack_tiles(packed: torch.Tensor, band: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """A tiled int4 weight (see above) back to its codes, uint8 [N, K]: each band of 8 rows gathered
+    from its nibbles in one pass (`band` from _tile_order)."""
+    return _nibbles(packed).view(n // 8, 8 * k).index_select(1, band).view(n, k)
 
 
 @functools.cache
@@ -371,11 +374,13 @@ def cuda_int4_order(k: int, device: str) -> torch.Tensor | None:
 def _dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, n: int, k: int,
                           order: torch.Tensor) -> torch.Tensor:
     """A weight in the CUDA int4 layout widened to bfloat16 [N, K]: (q - 8) * s + z, as the kernel
-    computes it (one rounding: the product is exact in float32)."""
+    computes it, in one pass over the codes: q * s + (z - 8s) in float32 (q * s and z - 8s are exact
+    there) rounded once to bfloat16."""
     codes = _unpack_tiles(packed, order, n, k).view(n, k // group_size, group_size)
-    sz = scales_and_zeros.transpose(0, 1)  # [N, K/G, 2]
-    w = (codes.float() - 8).mul_(sz[..., :1].float()).add_(sz[..., 1:].float())
-    return w.to(torch.bfloat16).view(n, k)
+    sz = scales_and_zeros.float()  # [K/G, N, 2]
+    scales, zeros = sz[..., 0].t()[..., None], (sz[..., 1] - 8 * sz[..., 0]).t()[..., None]
+    w = torch.empty(n, k // group_size, group_size, dtype=torch.bfloat16, device=packed.device)
+    return torch.addcmul(zeros, codes, scales, out=w).view(n, k)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -391,8 +396,8 @@ def _dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, 
 _GEMM_ROWS = {"int8": 32, "int4": 128}
 _OWN_GEMM_ROWS = 256
 # From this many rows on, CUDA int4 products widen the weight to bfloat16 and use the GEMM
-# (`scripts/cuda_check.py` times both on opt-2.7b's layers).
-CUDA_INT4_GEMM_ROWS = 64
+# (`python scripts/gpu_ab.py --only int4` times both on opt-2.7b's layers).
+CUDA_INT4_GEMM_ROWS = 256
 # Weight elements widened at a time. int8: 64 MB in bfloat16, the largest OPT-2.7b layer (fc1, 26 M)
 # at once, the head in 4 parts. int4: 2 M, so the dequantization's temporaries stay small (at 257
 # rows 2.5-3x faster than the kernel on the vision encoder's layers, measured).

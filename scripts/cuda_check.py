@@ -6,8 +6,10 @@ For OPT and Flan-T5: float32 logits (relative error), greedy and 3-beam new toke
 reference's `generate`, both on CUDA (three times each: captured, then kept CUDA graphs); the
 graphed vision encoder against the eager one; the prompt's pass through its CUDA graph against
 the eager pass; normalisation on the GPU against the CPU's; then float16 (OPT) / bfloat16 (T5) and int8 / int4 weight-only
-generation running end to end on CUDA; GPTQ's codes on CUDA against the CPU's. Prints one JSON line
-per check; exits 1 if a parity check fails.
+generation running end to end on CUDA (int4 also with every product widened from tinygemm's layout,
+against tinygemm's tokens); GPTQ's codes on CUDA against the CPU's; int4 weights of full-size shapes
+unpacked from tinygemm's layout (the codes exactly) and their widened product against tinygemm's.
+Prints one JSON line per check; exits 1 if a parity check fails.
 """
 
 from __future__ import annotations

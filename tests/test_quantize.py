@@ -421,7 +421,7 @@ def test_cuda_int4_layout_is_read_off_the_packing_op(k):
     g = torch.Generator().manual_seed(k)
     pack = _fake_tiled_pack(torch.randperm(size, generator=g))
     order = _tile_order(k, pack, torch.device("cpu"))
-    assert order is not None
+    assert order is not None and order.shape == (8 * k,)
     q = Quantization("int4", 32)
     parts = quantize_weight(torch.randn(24, k, generator=g) * 0.02, q)
     packed = pack(parts["weight"])
