@@ -318,9 +318,9 @@ def _dequantize_cpu_int4_t(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
 # torch's CUDA int4 kernel (tinygemm) lays a weight [N, K] out as int32 [N/8, K/(16t), 32, t/2]
 # (t = _inner_k_tiles(K)): tiles of 8 rows x 16t columns in row-major order, each tile's 128t nibbles
 # in the order the tensor cores' fragments read them. That order is read off torch's own packing op
-# once per t (_tile_order) and checked on a weight of several tiles, so that products of many rows can
-# widen the weight from the one copy the layer holds (the kernel is built for a few rows: 18x slower
-# than float16 at 256, BENCHMARKS.md GPU run 5).
+# once per K (_band_index) and checked on a weight of 16 x K, so that products of many rows can widen
+# the weight from the one copy the layer holds (the kernel is built for a few rows: 18x slower than
+# float16 at 256, BENCHMARKS.md GPU runs 5 and 9).
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -330,7 +330,7 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 15, b >> 4], -1).view(-1)
 
 
-def _tile_order(k: int, pack, device) -> torch.Tensor | None:
+def _band_index(k: int, pack, device) -> torch.Tensor | None:
     """For the layout `pack` makes of weights with k inputs: where each element of a band of 8 rows
     (8 x k, row-major) lies among the band's packed nibbles. The order within a tile (8 x 16t) is found
     by packing three probes whose codes spell each element's index 4 bits at a time; None if the
@@ -356,27 +356,27 @@ def _tile_order(k: int, pack, device) -> torch.Tensor | None:
 
 def _unpack_tiles(packed: torch.Tensor, band: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """A tiled int4 weight (see above) back to its codes, uint8 [N, K]: each band of 8 rows gathered
-    from its nibbles in one pass (`band` from _tile_order)."""
+    from its nibbles in one pass (`band` from _band_index)."""
     return _nibbles(packed).view(n // 8, 8 * k).index_select(1, band).view(n, k)
 
 
 @functools.cache
-def cuda_int4_order(k: int, device: str) -> torch.Tensor | None:
-    """_tile_order for torch's CUDA int4 layout (None, with a warning, if it is not tiled as known:
+def cuda_int4_band(k: int, device: str) -> torch.Tensor | None:
+    """_band_index for torch's CUDA int4 layout (None, with a warning, if it is not tiled as known:
     products then stay on torch's kernel at every size)."""
-    order = _tile_order(k, _pack_cuda_int4, torch.device(device))
-    if order is None:
+    band = _band_index(k, _pack_cuda_int4, torch.device(device))
+    if band is None:
         log.warning("this torch's CUDA int4 layout is not one blip2 knows: int4 products of many rows "
                     "stay on torch's kernel (same results, slower)")
-    return order
+    return band
 
 
 def _dequantize_cuda_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, n: int, k: int,
-                          order: torch.Tensor) -> torch.Tensor:
+                          band: torch.Tensor) -> torch.Tensor:
     """A weight in the CUDA int4 layout widened to bfloat16 [N, K]: (q - 8) * s + z, as the kernel
     computes it, in one pass over the codes: q * s + (z - 8s) in float32 (q * s and z - 8s are exact
     there) rounded once to bfloat16."""
-    codes = _unpack_tiles(packed, order, n, k).view(n, k // group_size, group_size)
+    codes = _unpack_tiles(packed, band, n, k).view(n, k // group_size, group_size)
     sz = scales_and_zeros.float()  # [K/G, N, 2]
     scales, zeros = sz[..., 0].t()[..., None], (sz[..., 1] - 8 * sz[..., 0]).t()[..., None]
     w = torch.empty(n, k // group_size, group_size, dtype=torch.bfloat16, device=packed.device)
@@ -480,9 +480,9 @@ class QuantizedLinear(nn.Module):
         block = cpu_int4_block()
         self.widen_from = (_OWN_GEMM_ROWS if self.own_product else _GEMM_ROWS[self.q.mode]) if cpu and (
             self.q.mode == "int8" or block and self.out_features % block == 0) else None
-        # CUDA int4: the tile order many-row products unpack the weight with (found here, at load,
-        # never while a CUDA graph is being captured)
-        self.cuda_order = cuda_int4_order(self.in_features, str(parts["weight"].device)) if (
+        # CUDA int4: where many-row products find each code in the kernel's layout (found here, at
+        # load, never while a CUDA graph is being captured)
+        self.cuda_band = cuda_int4_band(self.in_features, str(parts["weight"].device)) if (
             self.q.mode == "int4" and parts["weight"].device.type == "cuda") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -494,11 +494,11 @@ class QuantizedLinear(nn.Module):
             # prompt too) the weight widened to the activations' dtype through the float GEMM is faster
             # (than torch's kernels: int8 up to 6x, int4 on the vision encoder 2.5x).
             y = self._widened_linear(x)
-        elif self.cuda_order is not None and x.shape[0] >= CUDA_INT4_GEMM_ROWS:
+        elif self.cuda_band is not None and x.shape[0] >= CUDA_INT4_GEMM_ROWS:
             # CUDA int4, many rows (image patches, prompts, large batches): tinygemm works a few rows
             # at a time; the weight widened to bfloat16 through the GEMM is faster from here on.
             w = _dequantize_cuda_int4(self.weight, self.scales_and_zeros, self.q.group_size, self.out_features,
-                                      self.in_features, self.cuda_order)
+                                      self.in_features, self.cuda_band)
             y = F.linear(x.to(torch.bfloat16), w).to(self.dtype)
         elif self.q.mode == "int8" and not (cpu or x.device.type == "mps"):
             # CUDA: the weight widened (int8 values are exact in half precision) and the scales applied

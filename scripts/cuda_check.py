@@ -170,14 +170,14 @@ def main() -> int:
     # int4 products of many rows widen the weight from tinygemm's layout: the tile order read off
     # torch's packing op, the codes unpacked exactly, the product as the kernel's (full-size shapes:
     # OPT-2.7b's fc1 and fc2, the vision encoder's qkv and fc2, Flan-T5-xl's wi).
-    from blip2.quantize import QuantizedLinear, _pack_int4, _unpack_tiles, cuda_int4_order, quantize_weight
+    from blip2.quantize import QuantizedLinear, _pack_int4, _unpack_tiles, cuda_int4_band, quantize_weight
 
     for n, k in ((10240, 2560), (2560, 10240), (4224, 1408), (1408, 6144), (5120, 2048)):
         w = torch.randn(n, k, generator=g) * 0.02
         portable = quantize_weight(w, Quantization("int4"))["weight"]
         codes = torch.stack([portable & 15, portable >> 4], -1).view(n, k)
-        order = cuda_int4_order(k, "cuda:0")
-        exact = order is not None and torch.equal(_unpack_tiles(_pack_int4(portable.cuda()), order, n, k).cpu(), codes)
+        band = cuda_int4_band(k, "cuda:0")
+        exact = band is not None and torch.equal(_unpack_tiles(_pack_int4(portable.cuda()), band, n, k).cpu(), codes)
         layer = QuantizedLinear(k, n, False, Quantization("int4"), torch.bfloat16)
         layer.load_parameter("weight", w.cuda())
         x = torch.randn(300, k, device="cuda", dtype=torch.bfloat16)

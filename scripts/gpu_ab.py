@@ -207,7 +207,7 @@ def int4_ab(device: str = "cuda") -> dict[str, object]:
         q4 = QuantizedLinear(k, n, False, Quantization("int4"), torch.bfloat16)
         q4.load_parameter("weight", w)
         wh = w.half()
-        widen = lambda: _dequantize_cuda_int4(q4.weight, q4.scales_and_zeros, 128, n, k, q4.cuda_order)  # noqa: E731
+        widen = lambda: _dequantize_cuda_int4(q4.weight, q4.scales_and_zeros, 128, n, k, q4.cuda_band)  # noqa: E731
         with torch.inference_mode():
             out[f"{name}_widen_ms"] = _graphed_ms(widen, calls=5)
         for rows in (1, 16, 32, 64, 128, 256, 2048):

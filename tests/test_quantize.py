@@ -415,20 +415,20 @@ def _fake_tiled_pack(perm: torch.Tensor):
 
 @pytest.mark.parametrize("k", [256, 192, 96])  # 8, 4 and 2 k-tiles per tile
 def test_cuda_int4_layout_is_read_off_the_packing_op(k):
-    from blip2.quantize import _dequantize_cuda_int4, _inner_k_tiles, _tile_order, _unpack_tiles
+    from blip2.quantize import _dequantize_cuda_int4, _inner_k_tiles, _band_index, _unpack_tiles
 
     size = 8 * 16 * _inner_k_tiles(k)
     g = torch.Generator().manual_seed(k)
     pack = _fake_tiled_pack(torch.randperm(size, generator=g))
-    order = _tile_order(k, pack, torch.device("cpu"))
-    assert order is not None and order.shape == (8 * k,)
+    band = _band_index(k, pack, torch.device("cpu"))
+    assert band is not None and band.shape == (8 * k,)
     q = Quantization("int4", 32)
     parts = quantize_weight(torch.randn(24, k, generator=g) * 0.02, q)
     packed = pack(parts["weight"])
     codes = _unpack_nibbles_u8(parts["weight"])
-    assert torch.equal(_unpack_tiles(packed, order, 24, k), codes)
+    assert torch.equal(_unpack_tiles(packed, band, 24, k), codes)
     sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1).bfloat16().contiguous()
-    widened = _dequantize_cuda_int4(packed, sz, 32, 24, k, order)
+    widened = _dequantize_cuda_int4(packed, sz, 32, 24, k, band)
     exact = dequantize_weight({"weight": parts["weight"], "scales": sz[..., 0].T.float(),
                                "zeros": sz[..., 1].T.float()}, q)
     assert widened.dtype == torch.bfloat16 and torch.equal(widened, exact.bfloat16())
@@ -437,7 +437,7 @@ def test_cuda_int4_layout_is_read_off_the_packing_op(k):
         flat = pack(portable).view(-1)
         return flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(1))].view(
             pack(portable).shape)
-    assert _tile_order(k, untiled, torch.device("cpu")) is None
+    assert _band_index(k, untiled, torch.device("cpu")) is None
 
 
 def _unpack_nibbles_u8(portable: torch.Tensor) -> torch.Tensor:
