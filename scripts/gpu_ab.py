@@ -23,6 +23,7 @@ Sections (--only):
   the compute-bound encoder and the memory-bound decoding step overlap.
 
     python scripts/gpu_ab.py --model ~/.cache/blip2/bench/opt-2.7b [--only images,stall,...] [--json out.json]
+    python scripts/gpu_ab.py --only int8,int4   # no model needed
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def int4_ab(device: str = "cuda") -> dict[str, object]:
     """int4 products on CUDA, ms per product (graphed), per row count: tinygemm, widened, float16."""
     from blip2.quantize import Quantization, QuantizedLinear, _dequantize_cuda_int4
 
+    if device != "cuda":
+        return {"skipped": "tinygemm and its widening are CUDA only"}
     out: dict[str, object] = {}
     torch.manual_seed(0)
     shapes = {"fc1": (10240, 2560), "fc2": (2560, 10240), "q": (2560, 2560), "vision_fc2": (1408, 6144)}
@@ -275,7 +278,7 @@ def overlap_ab(m, px, seconds, batch: int = 256, steps: int = 20) -> dict[str, o
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="a checkpoint directory (every section but int8 and int4)")
     parser.add_argument("--batches", default="1,8,16,32,64,128,256")
     parser.add_argument("--images", type=Path, default=Path("/tmp/blip2-profile-images"))
     parser.add_argument("--device", default="cuda")
@@ -285,6 +288,8 @@ def main() -> int:
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     only = set(args.only.split(","))
+    if args.model is None and only - {"int8", "int4"}:
+        parser.error(f"--model is needed for {', '.join(sorted(only - {'int8', 'int4'}))}")
     cuda = args.device == "cuda"
     seconds = timer(cuda, 3)
 
