@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import api
-from .quantize import Quantization, dequantize_weight, layer_quantization, quantize_weight
+from .quantize import Quantization, _pack_nibbles, dequantize_weight, layer_quantization, quantize_weight
 from .weights import read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, q: Quantization) -> dict[str, 
     natural[:, order] = codes
     if q.mode == "int8":
         return {"weight": natural.to(torch.int8), "scales": parts["scales"]}
-    c = natural.to(torch.uint8)
-    return {"weight": c[:, 0::2] | (c[:, 1::2] << 4), "scales": parts["scales"], "zeros": parts["zeros"]}
+    return {"weight": _pack_nibbles(natural.to(torch.uint8)), "scales": parts["scales"], "zeros": parts["zeros"]}
 
 
 def calibrated_parts(src: Path, q: Quantization, images: Sequence, names: list[str], device: str = "cpu",

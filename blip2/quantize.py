@@ -216,9 +216,14 @@ def dequantize_weight(parts: dict[str, torch.Tensor], q: Quantization) -> torch.
     return ((codes.view(n, -1, q.group_size) - 8) * s[..., None] + z[..., None]).view(n, k)
 
 
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in [0, 15] -> the portable form, uint8 [N, K/2] (column 2j in the low nibble)."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Portable uint8 [N, K/2] -> int32 codes [N, K]."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1).to(torch.int32)
+    return _nibbles(packed).view(packed.shape[0], -1).to(torch.int32)
 
 
 def _inner_k_tiles(k: int) -> int:
@@ -340,7 +345,7 @@ def _band_index(k: int, pack, device) -> torch.Tensor | None:
     found = torch.zeros_like(index)
     for shift in (0, 4, 8):  # 8 * 16t <= 1024 elements: three nibbles name each
         codes = ((index >> shift) & 15).to(torch.uint8).view(8, cols)
-        found |= _nibbles(pack(codes[:, 0::2] | (codes[:, 1::2] << 4))).long() << shift
+        found |= _nibbles(pack(_pack_nibbles(codes))).long() << shift
     if not torch.equal(found.sort().values, index):
         return None
     order = torch.empty_like(found)
@@ -350,7 +355,7 @@ def _band_index(k: int, pack, device) -> torch.Tensor | None:
     band = (tiles + order.view(8, 1, cols)).reshape(-1)
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (16, k), dtype=torch.uint8, generator=g).to(device)
-    unpacked = _unpack_tiles(pack(codes[:, 0::2] | (codes[:, 1::2] << 4)), band, 16, k)
+    unpacked = _unpack_tiles(pack(_pack_nibbles(codes)), band, 16, k)
     return band if torch.equal(unpacked, codes) else None
 
 

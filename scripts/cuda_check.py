@@ -19,12 +19,14 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import blip2  # noqa: E402
+import blip2.quantize  # noqa: E402
 import blip2.layers as layers  # noqa: E402
 from blip2.generation import GenerationConfig  # noqa: E402
 from blip2.opt import OPTSession  # noqa: E402
@@ -48,19 +50,15 @@ def _attention(model, products: bool):
 
 def _prompt_state(model, queries, ids, mask, graphed: bool) -> tuple[torch.Tensor, ...]:
     """What a session's prompt pass leaves (8 new tokens' room, as the checks' generate calls)."""
-    default = layers.GRAPHED_PROMPT_POSITIONS
-    layers.GRAPHED_PROMPT_POSITIONS = default if graphed else 0
-    try:
-        with torch.inference_mode():
-            lm = model.model.language_model
-            embeds, full = model.model.embed_inputs(queries, ids, mask)
-            if model.config.is_encoder_decoder:
-                s = T5Session(lm, embeds, full, 1, 8)
-                return s.cross.k, s.cross.v
-            s = OPTSession(lm, embeds, full, 1, 8)
-            return s.prefill(), s.cache.k, s.cache.v
-    finally:
-        layers.GRAPHED_PROMPT_POSITIONS = default
+    positions = layers.GRAPHED_PROMPT_POSITIONS if graphed else 0
+    with mock.patch.object(layers, "GRAPHED_PROMPT_POSITIONS", positions), torch.inference_mode():
+        lm = model.model.language_model
+        embeds, full = model.model.embed_inputs(queries, ids, mask)
+        if model.config.is_encoder_decoder:
+            s = T5Session(lm, embeds, full, 1, 8)
+            return s.cross.k, s.cross.v
+        s = OPTSession(lm, embeds, full, 1, 8)
+        return s.prefill(), s.cache.k, s.cache.v
 
 
 def main() -> int:
@@ -141,7 +139,7 @@ def main() -> int:
                 tokens = [h[0].token_ids for h in res]
                 extra = {}
                 if quantize == "int4":  # a fresh model whose int4 products all widen the weight
-                    with _int4_gemm_rows(1), torch.inference_mode():
+                    with mock.patch.object(blip2.quantize, "CUDA_INT4_GEMM_ROWS", 1), torch.inference_mode():
                         m = blip2.load(path, dtype=half, device="cuda", quantize=quantize)
                         widened = m.model.generate(m.encode_images(px), ids.cuda(), mask.cuda(),
                                                    GenerationConfig(max_new_tokens=8))
@@ -170,12 +168,12 @@ def main() -> int:
     # int4 products of many rows widen the weight from tinygemm's layout: the tile order read off
     # torch's packing op, the codes unpacked exactly, the product as the kernel's (full-size shapes:
     # OPT-2.7b's fc1 and fc2, the vision encoder's qkv and fc2, Flan-T5-xl's wi).
-    from blip2.quantize import QuantizedLinear, _pack_int4, _unpack_tiles, cuda_int4_band, quantize_weight
+    from blip2.quantize import QuantizedLinear, _nibbles, _pack_int4, _unpack_tiles, cuda_int4_band, quantize_weight
 
     for n, k in ((10240, 2560), (2560, 10240), (4224, 1408), (1408, 6144), (5120, 2048)):
         w = torch.randn(n, k, generator=g) * 0.02
         portable = quantize_weight(w, Quantization("int4"))["weight"]
-        codes = torch.stack([portable & 15, portable >> 4], -1).view(n, k)
+        codes = _nibbles(portable).view(n, k)
         band = cuda_int4_band(k, "cuda:0")
         exact = band is not None and torch.equal(_unpack_tiles(_pack_int4(portable.cuda()), band, n, k).cpu(), codes)
         layer = QuantizedLinear(k, n, False, Quantization("int4"), torch.bfloat16)
@@ -189,18 +187,6 @@ def main() -> int:
                           "relative_error_vs_kernel": error, "ok": good}), flush=True)
         ok &= good
     return 0 if ok else 1
-
-
-@contextlib.contextmanager
-def _int4_gemm_rows(rows: int):
-    import blip2.quantize as quantize
-
-    saved = quantize.CUDA_INT4_GEMM_ROWS
-    quantize.CUDA_INT4_GEMM_ROWS = rows
-    try:
-        yield
-    finally:
-        quantize.CUDA_INT4_GEMM_ROWS = saved
 
 
 if __name__ == "__main__":

@@ -417,7 +417,7 @@ def _fake_tiled_pack(perm: torch.Tensor):
 
 @pytest.mark.parametrize("k", [256, 192, 96])  # 8, 4 and 2 k-tiles per tile
 def test_cuda_int4_layout_is_read_off_the_packing_op(k):
-    from blip2.quantize import _dequantize_cuda_int4, _inner_k_tiles, _band_index, _unpack_tiles
+    from blip2.quantize import _band_index, _dequantize_cuda_int4, _inner_k_tiles, _nibbles, _unpack_tiles
 
     size = 8 * 16 * _inner_k_tiles(k)
     g = torch.Generator().manual_seed(k)
@@ -427,7 +427,7 @@ def test_cuda_int4_layout_is_read_off_the_packing_op(k):
     q = Quantization("int4", 32)
     parts = quantize_weight(torch.randn(24, k, generator=g) * 0.02, q)
     packed = pack(parts["weight"])
-    codes = _unpack_nibbles_u8(parts["weight"])
+    codes = _nibbles(parts["weight"]).view(24, k)
     assert torch.equal(_unpack_tiles(packed, band, 24, k), codes)
     sz = torch.stack([parts["scales"], parts["zeros"]], -1).transpose(0, 1).bfloat16().contiguous()
     widened = _dequantize_cuda_int4(packed, sz, 32, 24, k, band)
@@ -440,10 +440,6 @@ def test_cuda_int4_layout_is_read_off_the_packing_op(k):
         return flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(1))].view(
             pack(portable).shape)
     assert _band_index(k, untiled, torch.device("cpu")) is None
-
-
-def _unpack_nibbles_u8(portable: torch.Tensor) -> torch.Tensor:
-    return torch.stack([portable & 15, portable >> 4], -1).view(portable.shape[0], -1)
 
 
 def _block32_layer(rows: int, k: int, group_size: int, seed: int):
