@@ -17,9 +17,9 @@ from .generation import GenerationConfig
 from .hub import DEFAULT_MODEL, resolve
 from .layers import PACK_FOR_ROWS, GraphedCalls, can_pack, pack_linears
 from .model import Blip2Model
-from .processing import ImageProcessor, ImageSource, PromptTokenizer
+from .processing import ImageError, ImageProcessor, ImageSource, PromptTokenizer
 from .quantize import Quantization, quantize_linears, stored_layer_modes, stored_quantization
-from .weights import load_weights
+from .weights import load_weights, resolve_ties
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -39,6 +39,25 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "c
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r} (use float32, bfloat16, float16 or auto)")
     return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """A device name to a torch.device this process can use (None: the CPU); an error saying why not."""
+    try:
+        device = torch.device(device or "cpu")
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {str(device)!r} is not available: {why}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {str(device)!r} (use cpu, cuda or mps)")
+    return device
 
 
 def auto_dtype(device: torch.device, encoder_decoder: bool = False) -> torch.dtype:
@@ -111,6 +130,9 @@ CHAT = GenerationConfig(num_beams=5, max_new_tokens=30)
 VQA_PROMPT = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
 # T5 has relative positions and no hard limit; the released tokenizer's model_max_length is 512.
 T5_MAX_PROMPT = 512
+# T5 has no position limit for what it generates either; its decoding cache is allocated for the whole
+# answer up front (24 layers x 2 x 2048 x 2 bytes per token and beam at full size in bfloat16), so bound it.
+T5_MAX_NEW_TOKENS = 2048
 
 
 @dataclass
@@ -134,9 +156,21 @@ class Blip2:
         self.load_seconds = load_seconds
         self.quantization = quantization
         self.image_processor = ImageProcessor.from_dir(path)
-        self._tokenizer: PromptTokenizer | None = None
+        cfg = self.config
+        try:  # read now, so that a broken tokenizer file is an error of loading, not of the first caption
+            self._tokenizer = PromptTokenizer.from_dir(
+                path, self.kind, image_token_id=cfg.image_token_index,
+                num_query_tokens=cfg.num_query_tokens if cfg.image_token_index is not None else 0)
+        except FileNotFoundError as e:  # weights alone still serve forward() and encode_images()
+            self._tokenizer, self._no_tokenizer = None, e
         self._queries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._graphed_encoder = GraphedCalls(model.encode_images)
+
+    @property
+    def tokenizer(self) -> PromptTokenizer:
+        if self._tokenizer is None:
+            raise self._no_tokenizer
+        return self._tokenizer
 
     @property
     def device(self) -> torch.device:
@@ -149,15 +183,6 @@ class Blip2:
     @property
     def kind(self) -> str:
         return self.config.text.model_type
-
-    @property
-    def tokenizer(self) -> PromptTokenizer:
-        if self._tokenizer is None:
-            cfg = self.config
-            self._tokenizer = PromptTokenizer.from_dir(
-                self.path, self.kind, image_token_id=cfg.image_token_index,
-                num_query_tokens=cfg.num_query_tokens if cfg.image_token_index is not None else 0)
-        return self._tokenizer
 
     @torch.inference_mode()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -230,6 +255,8 @@ class Blip2:
                     encode()
         if waiting:
             encode()
+        if not keys:
+            return torch.empty(0, self.config.num_query_tokens, self.config.text.hidden_size, device=self.device)
         for k in keys:
             self._queries[k] = found[k]
             self._queries.move_to_end(k)
@@ -238,75 +265,123 @@ class Blip2:
         return torch.stack([found[k] for k in keys])
 
     def max_prompt_tokens(self, gen: GenerationConfig) -> int:
+        """The longest prompt (in tokens) that leaves room for `gen.max_new_tokens`; an error naming
+        the model's limit when no prompt can."""
         if self.config.is_encoder_decoder:
+            if gen.max_new_tokens > T5_MAX_NEW_TOKENS:
+                raise ValueError(f"max_new_tokens={gen.max_new_tokens} is more than {T5_MAX_NEW_TOKENS}, the most "
+                                 "this model generates at once")
             return T5_MAX_PROMPT
-        return self.config.text.max_position_embeddings - self.config.num_query_tokens - gen.max_new_tokens
+        positions, queries = self.config.text.max_position_embeddings, self.config.num_query_tokens
+        room = positions - queries - gen.max_new_tokens
+        if room < 1:  # the prompt holds at least OPT's BOS token
+            raise ValueError(f"max_new_tokens={gen.max_new_tokens} leaves no room for the prompt: the model has "
+                             f"{positions} positions, {queries} of them for the image, so at most "
+                             f"{positions - queries - 1} new tokens")
+        return room
 
     @torch.inference_mode()
     def generate(self, images: ImageSource | Sequence[ImageSource], prompts: str | Sequence[str] = "",
-                 **generation) -> list[Result] | list[list[Result]]:
+                 errors: str = "raise", **generation) -> list:
         """Generate text for images and prompts, paired one to one; a single image or a single prompt
         is paired with every item of the other. Settings: see GenerationConfig (defaults: greedy, 30
         new tokens). Returns one Result per pair, or a list of `num_return_sequences` per pair.
+
+        errors: "raise" (default): an image that cannot be read raises its ImageError; "return": its
+        ImageError takes the place of its results, and every other pair is answered.
         """
         gen = GenerationConfig.make(**generation)
-        return self._run(images, prompts, gen)
+        return self._run(images, prompts, gen, errors)
 
-    def caption(self, images: ImageSource | Sequence[ImageSource], prompt: str = "",
-                **generation) -> str | list[str]:
+    def caption(self, images: ImageSource | Sequence[ImageSource], prompt: str = "", errors: str = "raise",
+                **generation) -> str | list:
         """Captions (the prompt, e.g. "a photo of", is not repeated in the output). Defaults: beam
-        search with 5 beams, up to 30 new tokens. A single image gives a single string."""
-        results = self._run(images, prompt, GenerationConfig.make(CAPTION, **generation))
+        search with 5 beams, up to 30 new tokens. A single image gives a single string. errors: as
+        in `generate`."""
+        _check_prompt(prompt, "prompt")
+        results = self._run(images, prompt, GenerationConfig.make(CAPTION, **generation), errors)
         return _texts(results, single=_is_single(images))
 
     def ask(self, images: ImageSource | Sequence[ImageSource], questions: str | Sequence[str],
-            **generation) -> str | list[str]:
+            errors: str = "raise", **generation) -> str | list:
         """Answers, with the paper's prompt ("Question: {} Answer:" for OPT, "Question: {} Short
-        answer:" for Flan-T5). Defaults: 5 beams, up to 10 new tokens, length penalty -1."""
+        answer:" for Flan-T5). Defaults: 5 beams, up to 10 new tokens, length penalty -1. errors: as
+        in `generate`."""
         single = isinstance(questions, str) and _is_single(images)
-        questions = [questions] if isinstance(questions, str) else list(questions)
+        questions = _check_prompt(questions, "questions")
         prompts = [VQA_PROMPT[self.kind].format(q.strip()) for q in questions]
-        results = self._run(images, prompts, GenerationConfig.make(VQA, **generation))
+        results = self._run(images, prompts, GenerationConfig.make(VQA, **generation), errors)
         return _texts(results, single=single)
 
     def chat(self, image: ImageSource, messages: Sequence[dict], **generation) -> str:
         """The assistant's next reply to `messages` ({"role": "user"|"assistant"|"system", "content"}),
         rendered as alternating "Question: ... Answer: ..." text as LAVIS and vLLM's BLIP-2 template
         do. Defaults: 5 beams, up to 30 new tokens."""
+        if not _is_single(image):
+            raise ValueError(f"chat is about one image, got {len(image)} (ask() takes several)")
         results = self._run(image, render_chat(messages), GenerationConfig.make(CHAT, **generation))
         return _texts(results, single=True)
 
-    def _run(self, images, prompts, gen: GenerationConfig):
+    def _run(self, images, prompts, gen: GenerationConfig, errors: str = "raise"):
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         images = [images] if _is_single(images) else list(images)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = _check_prompt(prompts, "prompts")
         if not images:
             raise ValueError("no images given")
         if len(images) != len(prompts) and 1 not in (len(images), len(prompts)):
             raise ValueError(f"{len(images)} images and {len(prompts)} prompts: give one of each per pair, "
                              "or a single image or prompt for all")
-        queries = self.image_queries(self.image_processor.stream(images, processes=self.device.type == "cuda"))
-        tokens = self.tokenizer(prompts, max_length=self.max_prompt_tokens(gen))
+        tokens = self.tokenizer(prompts, max_length=self.max_prompt_tokens(gen))  # checked before any image is read
         n = max(len(images), len(prompts))
-        queries = queries.expand(n, -1, -1) if len(queries) == 1 else queries
+        failed: dict[int, ImageError] = {}
+
+        def readable():
+            rows = self.image_processor.stream(images, processes=self.device.type == "cuda", errors=errors)
+            for i, row in enumerate(rows):
+                if isinstance(row, ImageError):
+                    failed[i] = row
+                else:
+                    yield row
+
+        queries = self.image_queries(readable())
+        if len(images) == 1 and failed:
+            return [failed[0]] * n
+        keep = [i for i in range(n) if i not in failed]
+        if not keep:
+            return [failed[i] for i in range(n)]
+        if failed and len(prompts) > 1:  # padded as if the failed pairs had never been asked
+            tokens = self.tokenizer([prompts[i] for i in keep])
+        queries = queries.expand(len(keep), -1, -1) if len(queries) == 1 else queries
         ids, mask = tokens.input_ids, tokens.attention_mask
         if len(ids) == 1:
-            ids, mask = ids.expand(n, -1), mask.expand(n, -1)
+            ids, mask = ids.expand(len(keep), -1), mask.expand(len(keep), -1)
         seqs = self.model.generate(queries, ids.to(self.device), mask.to(self.device), gen)
         out = [[Result(self.tokenizer.decode(s.token_ids).strip(), s.token_ids, s.score) for s in row]
                for row in seqs]
-        return [row[0] for row in out] if gen.num_return_sequences == 1 else out
+        answers = dict(zip(keep, (row[0] for row in out) if gen.num_return_sequences == 1 else out))
+        return [answers[i] if i in answers else failed[i] for i in range(n)]
 
 
 def render_chat(messages: Sequence[dict]) -> str:
     """Messages to BLIP-2's prompt: "Question: {user} Answer: {assistant} ... Question: {user} Answer:"."""
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {_short(messages)} "
+                         "(for a single question, use ask())")
     if not messages:
         raise ValueError("chat needs at least one message")
     parts = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {_short(m)}")
         role, content = m.get("role"), m.get("content", "")
         if isinstance(content, list):  # OpenAI-style content parts: keep the text ones
+            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+                raise ValueError(f"messages[{i}].content parts must be dicts like {{'type': 'text', 'text': ...}}")
             content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
-        content = str(content).strip()
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of parts, got {_short(content)}")
+        content = content.strip()
         if role == "user":
             parts.append(f"Question: {content}")
         elif role == "assistant":
@@ -314,10 +389,23 @@ def render_chat(messages: Sequence[dict]) -> str:
         elif role == "system":
             parts.append(content)
         else:
-            raise ValueError(f"unknown chat role {role!r} (use user, assistant or system)")
+            raise ValueError(f"unknown chat role {role!r} in messages[{i}] (use user, assistant or system)")
     if messages[-1].get("role") != "user":
         raise ValueError("the last chat message must be the user's")
     return " ".join(p for p in parts if p) + " Answer:"
+
+
+def _check_prompt(prompts, what: str) -> list[str]:
+    """One prompt or a list of them, each a string, as a list."""
+    items = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
+        raise ValueError(f"{what} must be a string or a non-empty list of strings, got {_short(prompts)}")
+    return list(items)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_single(images) -> bool:
@@ -327,7 +415,8 @@ def _is_single(images) -> bool:
 
 
 def _texts(results, single: bool):
-    texts = [r.text if isinstance(r, Result) else [x.text for x in r] for r in results]
+    texts = [r if isinstance(r, ImageError) else r.text if isinstance(r, Result) else [x.text for x in r]
+             for r in results]
     return texts[0] if single else texts
 
 
@@ -347,12 +436,13 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     start = time.perf_counter()
     directory = resolve(path)
     cfg = Blip2Config.from_file(directory)
+    resolve_ties(directory, cfg)
     stored = stored_quantization(directory)
     if stored is not None and quantize not in (None, stored.mode):
         raise ValueError(f"{directory} is quantized to {stored.mode}; it cannot be loaded as {quantize} "
                          "(quantize the original checkpoint instead)")
     quantization = stored or (Quantization(quantize, vision=quantize_vision) if quantize else None)
-    device = torch.device(device or "cpu")
+    device = parse_device(device)
     dtype = parse_dtype("auto" if dtype is None and quantization else dtype, device, cfg.is_encoder_decoder)
     if dtype == torch.float16 and cfg.is_encoder_decoder and not force_float16:
         raise ValueError(T5_FLOAT16)

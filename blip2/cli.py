@@ -11,14 +11,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import logging
+import os
+import stat
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .hub import DEFAULT_MODEL
+from .processing import ImageWarning
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".ppm"}
 
@@ -28,21 +33,49 @@ def _err(message: str) -> None:
 
 
 def expand_images(args: list[str]) -> tuple[list[str], list[str]]:
-    """Files, directories (their image files, sorted) and glob patterns to a list of inputs; also the
-    errors for arguments that name nothing."""
-    found, errors = [], []
+    """Files, directories (their image files, sorted) and glob patterns to a list of inputs, each file
+    once; also the errors for arguments that name nothing. `**` matches directories at any depth
+    without following links to directories, so a link to a parent cannot make the walk endless."""
+    found: dict[str, None] = {}  # insertion-ordered, for duplicates
+    seen: set[str] = set()  # real paths of the files found
+    errors = []
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            found[path] = None
+
     for arg in args:
         if arg.startswith(("http://", "https://")):
-            found.append(arg)
+            found[arg] = None
         elif Path(arg).is_dir():
-            files = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            found.extend(files) if files else errors.append(f"{arg}: directory has no image files")
-        elif any(c in arg for c in "*?[") and not Path(arg).exists():
-            matches = sorted(glob.glob(arg, recursive=True))
-            found.extend(matches) if matches else errors.append(f"{arg}: no file matches")
+            files = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            for f in files:
+                add(f)
+            if not files:
+                errors.append(f"{arg}: directory has no image files")
+        elif glob.has_magic(arg) and not Path(arg).exists():
+            matches = _glob(arg)
+            for f in matches:
+                add(f)
+            if not matches:
+                errors.append(f"{arg}: no file matches")
         else:
-            found.append(arg)  # a missing file is reported by the image loader, per image
-    return found, errors
+            add(arg)  # a missing file is reported by the image loader, per image
+    return list(found), errors
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files matching `pattern`, sorted; pathlib's `**` does not follow links to directories."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    rest = str(Path(*parts[fixed:]))
+    hidden = any(part.startswith(".") for part in parts[fixed:])  # as glob: hidden names only when asked for
+    matches = (p for p in root.glob(rest)
+               if p.is_file() and (hidden or not any(q.startswith(".") for q in p.relative_to(root).parts)))
+    return sorted(str(p) for p in matches)
 
 
 class Progress:
@@ -87,8 +120,6 @@ def _load(args: argparse.Namespace):
 
 
 def _caption(args: argparse.Namespace) -> int:
-    from .processing import ImageError, load_image
-
     paths, errors = expand_images(args.images)
     for e in errors:
         _err(e)
@@ -97,36 +128,85 @@ def _caption(args: argparse.Namespace) -> int:
         return 1
     model = _load(args)
     settings = _generation(args)
-    failed = len(errors)
+    out = Records(sys.stdout)
+    captioned, failed = 0, len(errors)
     progress = Progress(len(paths))
-    for start in range(0, len(paths), args.batch_size):
-        batch = paths[start:start + args.batch_size]
-        images, names = [], []
-        for path in batch:
-            try:
-                images.append(load_image(path))
-                names.append(path)
-            except ImageError as e:
-                _err(str(e))
-                failed += 1
-        if images:
+    try:
+        for start in range(0, len(paths), args.batch_size):
+            # Paths go to the model as they are: each is decoded and resized on a worker as its turn
+            # comes, so memory holds one full-size image per worker, whatever the batch size.
+            batch = paths[start:start + args.batch_size]
             t = time.perf_counter()
-            captions = model.caption(images, args.prompt, **settings)
-            seconds = (time.perf_counter() - t) / len(images)
-            for name, caption in zip(names, captions):
+            captions = model.caption(batch, args.prompt, errors="return", **settings)
+            seconds = (time.perf_counter() - t) / len(batch)
+            for name, caption in zip(batch, captions):
+                if isinstance(caption, Exception):
+                    failed += 1
+                    if args.json:
+                        out.write(json.dumps({"path": name, "error": str(caption)}))
+                    else:
+                        _err(str(caption))
+                    continue
+                captioned += 1
                 if args.json:
-                    print(json.dumps({"path": name, "caption": caption, "seconds": round(seconds, 3)}), flush=True)
+                    out.write(json.dumps({"path": name, "caption": caption, "seconds": round(seconds, 3)}))
                 else:
-                    print(f"{name}\t{caption}" if len(paths) > 1 else caption, flush=True)
-        progress.update(len(batch))
-    progress.close()
+                    out.write(f"{_escaped(name)}\t{_escaped(caption)}" if len(paths) > 1 else caption)
+            progress.update(len(batch))
+    finally:
+        progress.close()
+        if len(paths) > 1 or failed:
+            print(f"blip2: {captioned} captioned, {failed} failed", file=sys.stderr, flush=True)
     return 1 if failed else 0
+
+
+def _escaped(name: str) -> str:
+    """A file name (or caption) for a line of tab-separated output: backslash, tab, newline and
+    carriage return escaped, so that no name can add a column or a line."""
+    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+class OutputError(OSError):
+    """The results could not be written (disk full, file too large, ...)."""
+
+
+class Records:
+    """Whole lines to a stream: a line that cannot be written entirely (a full disk) is taken back
+    where the stream is a file, so the output ends with the last complete record."""
+
+    def __init__(self, stream):
+        self.stream, self.written = stream, 0
+        try:
+            self.fd = stream.fileno()
+            self.start = os.lseek(self.fd, 0, os.SEEK_CUR) if stat.S_ISREG(os.fstat(self.fd).st_mode) else None
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's capture, a StringIO)
+            self.fd = self.start = None
+
+    def write(self, line: str) -> None:
+        if self.fd is None:
+            print(line, file=self.stream, flush=True)
+            self.written += 1
+            return
+        data = (line + "\n").encode("utf-8", "surrogateescape")  # file names as the system gave them
+        self.stream.flush()
+        at = os.lseek(self.fd, 0, os.SEEK_END) if self.start is not None else None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if at is not None:
+                os.ftruncate(self.fd, at)
+            raise OutputError(f"cannot write the output after {self.written} records: {e.strerror or e}") from None
+        self.written += 1
 
 
 def _ask(args: argparse.Namespace) -> int:
     from .processing import load_image
 
-    image = load_image(args.image)
+    image = load_image(args.image)  # a bad image or path fails before the model is loaded
     model = _load(args)
     print(model.ask(image, args.question, **_generation(args)), flush=True)
     return 0
@@ -150,6 +230,9 @@ def _chat(args: argparse.Namespace) -> int:
             if interactive:
                 print(file=sys.stderr)
             return 0
+        except UnicodeDecodeError as e:
+            _err(f"that line is not valid text ({e.reason}); the conversation goes on")
+            continue
         if not line:
             continue
         if line == "/reset":
@@ -167,7 +250,7 @@ def _chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         try:
             reply = model.chat(image, messages, **settings)
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:  # a bad turn (its text, its length) is that turn's error
             _err(str(e))
             messages.pop()
             continue
@@ -210,7 +293,11 @@ def _quantize(args: argparse.Namespace) -> int:
     from .hub import resolve
     from .quantize import GROUP_SIZE, Quantization, write_quantized
 
-    q = Quantization(args.mode, args.group_size or GROUP_SIZE, vision=not args.no_vision)
+    from .api import parse_device
+
+    q = Quantization(args.mode, GROUP_SIZE if args.group_size is None else args.group_size, vision=not args.no_vision)
+    if args.calibrate:
+        parse_device(args.device)
     images, errors = expand_images(args.calibrate or [])
     for error in errors:
         _err(error)
@@ -260,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", parents=[common, gen], help="caption images")
     p.add_argument("images", nargs="+", help="image files, directories, glob patterns or URLs")
     p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive, default=8, help="images per batch (default 8)")
     p.add_argument("--json", action="store_true", help="one JSON object per image: path, caption, seconds")
     p.set_defaults(run=_caption)
 
@@ -301,13 +388,39 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(argv[1:], prog="blip2 bench")
     args = build_parser().parse_args(argv)
+    warnings.simplefilter("always", ImageWarning)  # one line for each image, not only the first
+    with _warnings_as_lines():
+        try:
+            return args.run(args)
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        except (OSError, ValueError, RuntimeError, TypeError) as e:
+            _err(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return 1
+
+
+@contextlib.contextmanager
+def _warnings_as_lines():
+    """Warnings on stderr as one `blip2: warning: ...` line each, instead of Python's two-line form."""
+    shown = warnings.showwarning
+    warnings.showwarning = lambda message, *_: print(f"blip2: warning: {message}", file=sys.stderr, flush=True)
     try:
-        return args.run(args)
-    except KeyboardInterrupt:
-        return 130
-    except (OSError, ValueError, RuntimeError, TypeError) as e:
-        _err(str(e))
-        return 1
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ when config.json leaves it out. Anything we do not implement is an error naming 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,20 @@ def _check(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"unsupported {name}={value!r} in config.json (supported: {', '.join(map(str, allowed))})")
 
 
+def _section(raw: dict, name: str) -> dict:
+    """A nested config (vision_config, ...); missing or null means the reference defaults."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} in config.json must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def _build(cls, raw: dict, section: str):
     """Fill a dataclass from a dict, ignoring keys that do not change the computation."""
     known = {f.name for f in fields(cls)}
@@ -33,12 +48,55 @@ def _build(cls, raw: dict, section: str):
         raise ConfigError(f"{section}: {e}") from None
 
 
-def _pair(value: int | list | tuple, name: str) -> int:
-    if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
+# What a field's annotation admits. JSON has one number type, so a float field takes an integer;
+# bool is a subclass of int in Python but `true` is not a size.
+_KINDS = {
+    "None": ("null", lambda v: v is None),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list[int]": ("a list of integers", lambda v: isinstance(v, list) and len(v) > 0
+                  and all(_KINDS["int"][1](x) for x in v)),
+}
+# Fields that index the language model's vocabulary; every other int is a size or a count.
+TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "image_token_index")
+
+
+def _check_value(name: str, value: Any, annotation: str, vocab_size: int | None = None) -> None:
+    """Check a field's type against its annotation and its range against what it means: token ids lie
+    in [0, vocab_size), other ints are sizes or counts (at least 1), floats are epsilons (above 0)."""
+    kinds = annotation.split(" | ")
+    if name.rsplit(".", 1)[-1] in TOKEN_IDS:
+        in_range, allowed = (lambda v: 0 <= v < vocab_size), f"within the vocabulary [0, {vocab_size})"
+    elif "float" in kinds:
+        in_range, allowed = (lambda v: v > 0), "above 0"
+    else:
+        in_range, allowed = (lambda v: v >= 1), "at least 1"
+    numbers = [v for v in (value if isinstance(value, list) else [value]) if _KINDS["float"][1](v)]
+    if any(_KINDS[k][1](value) for k in kinds) and all(in_range(v) for v in numbers):
+        return
+    words = [_KINDS[k][0] for k in kinds]
+    expected = " or ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
+    if {"int", "float"} & set(kinds):
+        expected += f", {allowed}"
+    raise ConfigError(f"{name}={value!r} in config.json: expected {expected}")
+
+
+def _check_fields(cfg, section: str) -> None:
+    # Token ids last: their range needs vocab_size checked first.
+    for f in sorted(fields(cfg), key=lambda f: f.name in TOKEN_IDS):
+        _check_value(f"{section}.{f.name}", getattr(cfg, f.name), f.type, getattr(cfg, "vocab_size", None))
+
+
+def _pair(value: Any, name: str) -> Any:
+    """image_size and patch_size may be written as [height, width]; only squares are supported."""
+    if isinstance(value, (list, tuple)) and value:
+        if any(v != value[0] for v in value):
             raise ConfigError(f"unsupported non-square {name}={value!r} in config.json")
-        return int(value[0])
-    return int(value)
+        return value[0]
+    return value
 
 
 @dataclass
@@ -56,6 +114,7 @@ class VisionConfig:
     def __post_init__(self) -> None:
         self.image_size = _pair(self.image_size, "vision_config.image_size")
         self.patch_size = _pair(self.patch_size, "vision_config.patch_size")
+        _check_fields(self, "vision_config")
         _check("vision_config.hidden_act", self.hidden_act, ACTIVATIONS)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
@@ -77,9 +136,8 @@ class QFormerConfig:
     use_qformer_text_input: bool = False
 
     def __post_init__(self) -> None:
+        _check_fields(self, "qformer_config")
         _check("qformer_config.hidden_act", self.hidden_act, ACTIVATIONS)
-        if self.cross_attention_frequency < 1:
-            raise ConfigError(f"unsupported qformer_config.cross_attention_frequency={self.cross_attention_frequency}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"qformer_config.hidden_size={self.hidden_size} is not a multiple of "
@@ -110,6 +168,7 @@ class OPTConfig:
     is_encoder_decoder = False
 
     def __post_init__(self) -> None:
+        _check_fields(self, "text_config")
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
         _check("text_config.activation_function", self.activation_function, ACTIVATIONS)
@@ -148,6 +207,7 @@ class T5Config:
     is_encoder_decoder = True
 
     def __post_init__(self) -> None:
+        _check_fields(self, "text_config")
         if self.num_decoder_layers is None:
             self.num_decoder_layers = self.num_layers
         parts = self.feed_forward_proj.split("-")
@@ -177,26 +237,30 @@ class Blip2Config:
     num_query_tokens: int = 32
     image_token_index: int | None = None
 
+    def __post_init__(self) -> None:
+        _check_value("num_query_tokens", self.num_query_tokens, "int")
+        _check_value("image_token_index", self.image_token_index, "int | None", self.text.vocab_size)
+
     @classmethod
     def from_dict(cls, raw: dict) -> "Blip2Config":
         """Build from the dict of a BLIP-2 config.json."""
-        model_type = raw.get("model_type")
-        _check("model_type", model_type, ("blip-2",))
-        vision = _build(VisionConfig, raw.get("vision_config") or {}, "vision_config")
-        qformer_raw = dict(raw.get("qformer_config") or {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config.json must hold a JSON object, got {_json_type(raw)}")
+        _check("model_type", raw.get("model_type"), ("blip-2",))
+        vision = _build(VisionConfig, _section(raw, "vision_config"), "vision_config")
         # The Q-Former's cross-attention width always follows the vision tower, as in the reference.
-        qformer_raw["encoder_hidden_size"] = vision.hidden_size
+        qformer_raw = {**_section(raw, "qformer_config"), "encoder_hidden_size": vision.hidden_size}
         qformer = _build(QFormerConfig, qformer_raw, "qformer_config")
-        text_raw = raw.get("text_config") or {}
+        text_raw = _section(raw, "text_config")
         text_type = text_raw.get("model_type", "opt")
         _check("text_config.model_type", text_type, ("opt", "t5"))
         text = _build(OPTConfig if text_type == "opt" else T5Config, text_raw, "text_config")
         image_token_index = raw.get("image_token_index", raw.get("image_token_id"))
-        return cls(vision, qformer, text, int(raw.get("num_query_tokens", 32)), image_token_index)
+        return cls(vision, qformer, text, raw.get("num_query_tokens", 32), image_token_index)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Blip2Config":
-        """Read a config.json (or the config.json inside a checkpoint directory)."""
+        """Read a config.json (or the config.json inside a checkpoint directory); errors name the file."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -204,9 +268,12 @@ class Blip2Config:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no config.json; is this a BLIP-2 checkpoint directory?") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     @property
     def is_encoder_decoder(self) -> bool:

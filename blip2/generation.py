@@ -8,6 +8,7 @@ always count new tokens only.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -32,23 +33,43 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
 
+    # Each setting: whether its value is in range (asked once its type is right), and the range in
+    # words. Settings are checked in field order, so min_new_tokens and num_return_sequences compare
+    # to a max_new_tokens and num_beams already checked.
+    _ALLOWED = {
+        "max_new_tokens": (lambda g: g.max_new_tokens >= 1, "an integer >= 1"),
+        "min_new_tokens": (lambda g: 0 <= g.min_new_tokens <= g.max_new_tokens,
+                           "an integer between 0 and max_new_tokens"),
+        "num_beams": (lambda g: g.num_beams >= 1, "an integer >= 1"),
+        "length_penalty": (lambda g: True, "a finite number"),
+        "early_stopping": (lambda g: g.early_stopping in (True, False, "never"), "True, False or 'never'"),
+        "num_return_sequences": (lambda g: 1 <= g.num_return_sequences and (
+            g.num_beams == 1 or g.num_return_sequences <= g.num_beams), "an integer between 1 and num_beams"),
+        "do_sample": (lambda g: True, "True or False"),
+        "temperature": (lambda g: g.temperature > 0, "a finite number > 0"),
+        "top_k": (lambda g: g.top_k >= 0, "an integer >= 0 (0: no top-k filtering)"),
+        "top_p": (lambda g: 0 < g.top_p <= 1, "a number in (0, 1]"),
+        # torch.Generator.manual_seed takes 64 bits.
+        "seed": (lambda g: g.seed is None or 0 <= g.seed < 2**64, "None or an integer in [0, 2**64 - 1]"),
+        "repetition_penalty": (lambda g: g.repetition_penalty > 0, "a finite number > 0"),
+        "no_repeat_ngram_size": (lambda g: g.no_repeat_ngram_size >= 0, "an integer >= 0 (0: no n-gram ban)"),
+    }
+    # What an annotation admits: bool is a subclass of int in Python but True is not a count, and a
+    # float setting takes an int but not NaN or infinity.
+    _IS = {
+        "None": lambda v: v is None,
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),  # numpy's too
+        "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(v) < float("inf"),
+        "str": lambda v: isinstance(v, str),
+    }
+
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens={self.min_new_tokens} must be between 0 and max_new_tokens")
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be at least 1, got {self.num_beams}")
-        if self.num_return_sequences < 1 or (self.num_beams > 1 and self.num_return_sequences > self.num_beams):
-            raise ValueError(f"num_return_sequences={self.num_return_sequences} must be between 1 and num_beams")
-        if self.do_sample and self.temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be positive, got {self.repetition_penalty}")
-        if self.early_stopping not in (True, False, "never"):
-            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            in_range, allowed = self._ALLOWED[f.name]
+            if not (any(self._IS[kind](value) for kind in f.type.split(" | ")) and in_range(self)):
+                raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
 
     @classmethod
     def make(cls, base: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":

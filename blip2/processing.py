@@ -19,9 +19,12 @@ import concurrent.futures.process
 import functools
 import io
 import json
+import math
 import multiprocessing
 import os
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -36,6 +39,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from .config import ConfigError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -44,6 +49,10 @@ ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tenso
 
 class ImageError(ValueError):
     """An input could not be turned into an image; the message names the input."""
+
+
+class ImageWarning(UserWarning):
+    """An image was used, but part of it could not be read (its EXIF orientation); names the input."""
 
 
 def _describe(source: object) -> str:
@@ -60,16 +69,45 @@ def _describe(source: object) -> str:
 
 
 def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
-    # urllib's timeout bounds each socket operation, not the whole transfer; the byte cap bounds the rest.
+    """The body of `url`, within `timeout` seconds in all (connecting, redirects, headers and body,
+    like curl --max-time) and at most `max_bytes` bytes. The download runs on a thread of its own,
+    which this one waits for: a server that trickles a byte at a time, or sends headers forever,
+    cannot hold the caller (or Ctrl-C) past the deadline; the thread notices and stops at its next read."""
+    done = threading.Event()
+    result: list = []
+
+    def download() -> None:
+        try:
+            result.append(_download(url, timeout, max_bytes, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            result.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=download, daemon=True, name="blip2-fetch").start()
+    if not done.wait(timeout):
+        done.set()  # tells the download to stop
+        raise ImageError(f"cannot fetch image {url!r}: no complete answer within timeout={timeout:g} s")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _download(url: str, timeout: float, max_bytes: int, cancelled: threading.Event) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "blip2"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         declared = response.headers.get("Content-Length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
             raise ImageError(f"image URL {url!r} is {int(declared)} bytes, more than max_bytes={max_bytes}")
-        data = response.read(max_bytes + 1)
+        data = bytearray()
+        while len(data) <= max_bytes and not cancelled.is_set():
+            chunk = response.read1(min(1 << 16, max_bytes + 1 - len(data)))
+            if not chunk:
+                break
+            data += chunk
     if len(data) > max_bytes:
         raise ImageError(f"image URL {url!r} sent more than max_bytes={max_bytes} bytes")
-    return data
+    return bytes(data)
 
 
 def _array_to_uint8(a: np.ndarray) -> np.ndarray:
@@ -116,15 +154,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _decode(img: Image.Image) -> Image.Image:
+def _decode(img: Image.Image, name: str) -> Image.Image:
     img.load()  # decode in full now, so a truncated file fails here rather than half-read
-    return _to_rgb(ImageOps.exif_transpose(img))
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"image {name} has no pixels ({img.width}x{img.height})")
+    with warnings.catch_warnings(record=True) as complaints:  # Pillow's own, which name no file
+        warnings.simplefilter("always")
+        try:
+            img = ImageOps.exif_transpose(img)
+            problem = complaints[-1].message if complaints else None
+        except Exception as e:  # noqa: BLE001 - Pillow raises struct.error, KeyError, ... on malformed EXIF
+            problem = f"{type(e).__name__}: {e}; used without its orientation"
+    if problem is not None:
+        warnings.warn(f"image {name}: malformed EXIF metadata ({problem})", ImageWarning)
+    return _to_rgb(img)
 
 
-def load_image(source: ImageSource, *, timeout: float = 10.0, max_bytes: int = 50_000_000) -> Image.Image:
+def load_image(source: ImageSource, *, timeout: float = 30.0, max_bytes: int = 50_000_000) -> Image.Image:
     """Open `source` as an RGB PIL image, decoded in full.
 
-    `source` is a file path, an http(s) URL (fetched with `timeout` seconds per read and at most
+    `source` is a file path, an http(s) URL (fetched within `timeout` seconds in all and at most
     `max_bytes` bytes), encoded file bytes, a PIL image, or an array/tensor (HxW, HxWxC or CxHxW;
     uint8, 16-bit, or float in [0, 1], read as [0, 255] if any value exceeds 1). The EXIF
     orientation is applied: the one difference from the reference on ordinary photos. Raises
@@ -137,22 +186,24 @@ def load_image(source: ImageSource, *, timeout: float = 10.0, max_bytes: int = 5
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it is.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(source, Image.Image):
-                return _decode(source)
+                return _decode(source, name)
             if isinstance(source, (np.ndarray, torch.Tensor)):
                 array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
-                return _decode(_from_array(array))
+                return _decode(_from_array(array), name)
             if isinstance(source, str) and source.startswith(("http://", "https://")):
                 source = _fetch(source, timeout, max_bytes)
             if isinstance(source, (bytes, bytearray)):
                 source = io.BytesIO(source)
             elif isinstance(source, (str, os.PathLike)):
                 source = Path(source).expanduser()
+                if source.is_dir():
+                    raise ImageError(f"{name} is a directory, not an image file")
                 if not source.is_file():
                     raise ImageError(f"image file not found: {name}")
             else:
-                raise ImageError(f"cannot load an image from {name}")
+                raise ImageError(f"cannot load an image from {name} (give a path, URL, bytes, PIL image or array)")
             with Image.open(source) as img:
-                return _decode(img)
+                return _decode(img, name)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -163,7 +214,7 @@ def load_image(source: ImageSource, *, timeout: float = 10.0, max_bytes: int = 5
         if isinstance(e, urllib.error.HTTPError):
             e.close()  # it holds the connection open
         raise ImageError(f"cannot fetch image {name}: {str(e).splitlines()[0]}") from None
-    except (OSError, ValueError, TypeError, SyntaxError, EOFError) as e:
+    except Exception as e:  # noqa: BLE001 - no decoder's own exception may escape: one bad image is one error
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"cannot decode image {name}: {reason}") from None
 
@@ -183,26 +234,39 @@ class ImageProcessor:
         """Read a checkpoint's image-processor settings; defaults (224, CLIP) when it has none."""
         directory = Path(path)
         # Same priority as the reference: the dict nested in processor_config.json, then the flat file.
-        config = _read_json(directory / "processor_config.json").get("image_processor")
+        where = directory / "processor_config.json"
+        config = _read_json(where).get("image_processor")
         if config is None and (directory / "preprocessor_config.json").is_file():
-            config = _read_json(directory / "preprocessor_config.json")
+            where = directory / "preprocessor_config.json"
+            config = _read_json(where)
         if config is None:
             return cls()
+        if not isinstance(config, dict):
+            raise ConfigError(f"{where}: image processor settings must be a JSON object, got {type(config).__name__}")
         for flag in ("do_resize", "do_rescale", "do_normalize"):  # True in every BLIP-2 checkpoint
             if not config.get(flag, True):
-                raise ValueError(f"{directory}: unsupported image processor setting {flag}=false")
+                raise ConfigError(f"{where}: unsupported image processor setting {flag}=false")
         size = config.get("size", 224)
         if isinstance(size, dict):
             if size.get("height") is None or size.get("height") != size.get("width"):
-                raise ValueError(f"{directory}: only square image sizes are supported, got size={size}")
+                raise ConfigError(f"{where}: only square image sizes are supported, got size={size}")
             size = size["height"]
-        return cls(
-            size=int(size),
-            mean=tuple(config.get("image_mean", CLIP_MEAN)),
-            std=tuple(config.get("image_std", CLIP_STD)),
-            resample=int(config.get("resample", Image.Resampling.BICUBIC)),
-            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
-        )
+        resample = config.get("resample", Image.Resampling.BICUBIC)
+        settings = dict(size=size, mean=config.get("image_mean", CLIP_MEAN), std=config.get("image_std", CLIP_STD),
+                        resample=resample, rescale_factor=config.get("rescale_factor", 1 / 255))
+        checks = {  # setting: (valid, what it must be)
+            "size": (_is_int(size) and 1 <= size <= 4096, "an integer from 1 to 4096"),
+            "resample": (_is_int(resample) and resample in set(Image.Resampling), "one of PIL's filters 0-5"),
+            "rescale_factor": (_is_number(settings["rescale_factor"]) and settings["rescale_factor"] > 0,
+                               "a positive number"),
+            "image_mean": (_is_triple(settings["mean"]), "three finite numbers"),
+            "image_std": (_is_triple(settings["std"]) and min(settings["std"]) > 0, "three positive numbers"),
+        }
+        for name, (valid, must) in checks.items():
+            if not valid:
+                raise ConfigError(f"{where}: {name}={config.get(name, settings.get(name))!r} must be {must}")
+        settings["mean"], settings["std"] = tuple(settings["mean"]), tuple(settings["std"])
+        return cls(**settings)
 
     def resized(self, image: Image.Image) -> torch.Tensor:
         """One RGB PIL image to [3, size, size] uint8, resized as the reference does (PIL, `resample`)."""
@@ -229,22 +293,30 @@ class ImageProcessor:
             raise ValueError("no images given")
         return self.normalize(torch.stack(list(self.stream(batch))))
 
-    def stream(self, images: Sequence[ImageSource], *, processes: bool = False) -> Iterator[torch.Tensor]:
+    def stream(self, images: Sequence[ImageSource], *, processes: bool = False,
+               errors: str = "raise") -> Iterator[torch.Tensor]:
         """Each image resized, [3, size, size] uint8 (`normalize` makes it the model's input), in
         order, prepared ahead of the consumer on a thread pool (PIL decodes and resizes mostly
         without the GIL), so a caller can encode the first images while the rest are being prepared.
-        A failing image's ImageError is raised when its turn comes.
+        Each worker holds one decoded image at a time, whatever the source resolution.
+
+        errors: "raise": a failing image's ImageError is raised when its turn comes; "return": it is
+        yielded in the image's place, and the rest of the batch goes on.
 
         processes: files, URLs and encoded bytes of a batch of at least one per core go to worker
         processes instead (forked once, on Linux). For a process feeding a GPU: its threads share
         one GIL with the thread that launches the GPU's work (256 images on an H100 host with 16
         cores: prepared and encoded in 0.75 s instead of 1.01, BENCHMARKS.md).
         """
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         if len(images) == 1:
-            return iter([self.resized(load_image(images[0]))])
-        if processes and _FORK and len(images) >= _cores() and all(isinstance(i, _SENDABLE) for i in images):
-            return self._in_processes(images)
-        return _pool().map(lambda image: self.resized(load_image(image)), images)
+            rows = iter([_resized_or_error(self, images[0])])
+        elif processes and _FORK and len(images) >= _cores() and all(isinstance(i, _SENDABLE) for i in images):
+            rows = self._in_processes(images)
+        else:
+            rows = _pool().map(functools.partial(_resized_or_error, self), images)
+        return rows if errors == "return" else _raising(rows)
 
     def _in_processes(self, images: Sequence[ImageSource]) -> Iterator[torch.Tensor]:
         # Workers write their images into one file in memory (/dev/shm) and send back only their
@@ -258,6 +330,9 @@ class ImageProcessor:
             work = functools.partial(_resize_into, self, buffer.name)
             try:
                 for i in _process_pool().map(work, range(len(images)), images, chunksize=4):
+                    if isinstance(i, ImageError):
+                        yield i
+                        continue
                     row = torch.empty(shape, dtype=torch.uint8)
                     os.preadv(buffer.fileno(), [row.numpy()], i * nbytes)
                     yield row
@@ -266,9 +341,38 @@ class ImageProcessor:
                 raise
 
 
-def _resize_into(processor: ImageProcessor, path: str, i: int, image: ImageSource) -> int:
-    """In a worker process: image i resized, written at its place in the batch's file."""
-    row = processor.resized(load_image(image)).numpy()
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_triple(values) -> bool:
+    return isinstance(values, (list, tuple)) and len(values) == 3 and all(_is_number(v) for v in values)
+
+
+def _resized_or_error(processor: ImageProcessor, image: ImageSource) -> torch.Tensor | ImageError:
+    try:
+        return processor.resized(load_image(image))
+    except ImageError as e:
+        return e
+
+
+def _raising(rows: Iterator[torch.Tensor | ImageError]) -> Iterator[torch.Tensor]:
+    for row in rows:
+        if isinstance(row, ImageError):
+            raise row
+        yield row
+
+
+def _resize_into(processor: ImageProcessor, path: str, i: int, image: ImageSource) -> int | ImageError:
+    """In a worker process: image i resized, written at its place in the batch's file (or its error)."""
+    try:
+        row = processor.resized(load_image(image)).numpy()
+    except ImageError as e:
+        return e
     fd = os.open(path, os.O_WRONLY)
     try:
         os.pwrite(fd, row, i * row.nbytes)
@@ -311,7 +415,21 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 def _process_pool() -> concurrent.futures.ProcessPoolExecutor:
     # Forked, as torch's DataLoader forks its workers: spawn and forkserver would import the
     # caller's main module again in every worker. The workers only run PIL and numpy, never CUDA.
-    return concurrent.futures.ProcessPoolExecutor(min(32, _cores()), mp_context=multiprocessing.get_context("fork"))
+    return concurrent.futures.ProcessPoolExecutor(min(32, _cores()), mp_context=multiprocessing.get_context("fork"),
+                                                  initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a worker: leave as soon as the process that started the pool is gone. A parent killed by a
+    signal (or a crash) never shuts its pool down, and its workers would otherwise live on, holding
+    its stdout open. (PR_SET_PDEATHSIG would follow the thread that forked, which may be short-lived.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="blip2-parent-watch").start()
 
 
 class TokenBatch(NamedTuple):
@@ -322,7 +440,16 @@ class TokenBatch(NamedTuple):
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object from a checkpoint's settings file, {} when there is no such file."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def _token_text(token: object) -> str | None:
@@ -368,7 +495,10 @@ class PromptTokenizer:
         if (directory / "tokenizer.json").is_file():
             # transformers 5 takes tokenizer.json's post-processor as is and ignores
             # add_bos_token/add_eos_token from tokenizer_config.json in this case.
-            tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            try:
+                tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own Exception type
+                raise ConfigError(f"{directory / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             tokenizer = cls._byte_level_bpe(directory, config)
         else:
@@ -381,7 +511,7 @@ class PromptTokenizer:
         pad_text = _token_text(config.get("pad_token")) or "<pad>"
         pad_id = tokenizer.token_to_id(pad_text)
         if pad_id is None:
-            raise ValueError(f"{directory}: pad token {pad_text!r} is not in the vocabulary")
+            raise ConfigError(f"{directory}: pad token {pad_text!r} is not in the vocabulary")
         if num_query_tokens is None:
             num_query_tokens = _read_json(directory / "processor_config.json").get("num_query_tokens")
         if image_token_id is None and num_query_tokens:
@@ -405,7 +535,7 @@ class PromptTokenizer:
             flags = {k: entry[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in entry}
             tokenizer.add_tokens([AddedToken(entry["content"], **flags)])
             if tokenizer.token_to_id(entry["content"]) != int(index):
-                raise ValueError(f"{directory}: added token {entry['content']!r} should have id {index}")
+                raise ConfigError(f"{directory}: added token {entry['content']!r} should have id {index}")
         # Without tokenizer.json these flags decide the specials (GPT2Tokenizer defaults: neither).
         bos, eos = _token_text(config.get("bos_token")), _token_text(config.get("eos_token"))
         template, used = "$A", []
@@ -435,6 +565,12 @@ class PromptTokenizer:
             prompts = [prompts]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompts must be a string or a non-empty list of strings")
+        for prompt in prompts:
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (argv, stdin)
+                short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                raise ValueError(f"prompt {short!r} is not valid UTF-8 text (at character {e.start})") from None
         rows = [e.ids for e in self.tokenizer.encode_batch(list(prompts), add_special_tokens=True)]
         for prompt, ids in zip(prompts, rows, strict=True):
             short = prompt if len(prompt) <= 60 else prompt[:57] + "..."

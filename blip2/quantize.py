@@ -59,8 +59,12 @@ class Quantization:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unsupported quantization {self.mode!r} (use {' or '.join(MODES)})")
-        if self.mode == "int4" and self.group_size not in (32, 64, 128, 256):
-            raise ValueError(f"unsupported int4 group size {self.group_size} (use 32, 64, 128 or 256)")
+        # int8 ignores group_size, but one that is not an integer is a mistake in either mode.
+        is_int = isinstance(self.group_size, int) and not isinstance(self.group_size, bool)
+        if not is_int or (self.mode == "int4" and self.group_size not in (32, 64, 128, 256)):
+            raise ValueError(f"group_size={self.group_size!r} must be 32, 64, 128 or 256 (inputs per int4 scale)")
+        if not isinstance(self.vision, bool):
+            raise ValueError(f"vision={self.vision!r} must be True or False")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -70,10 +74,13 @@ class Quantization:
 
     @classmethod
     def from_json(cls, raw: dict) -> "Quantization":
+        """Read config.json's "quantization" entry, as written by to_json; an error names the entry."""
         try:
-            return cls(raw["mode"], int(raw.get("group_size", GROUP_SIZE)), bool(raw.get("vision", True)))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"config.json: malformed \"quantization\" entry {raw!r} ({e})") from None
+            if not isinstance(raw, dict) or "mode" not in raw:
+                raise ValueError('expected an object with a "mode"')
+            return cls(raw["mode"], raw.get("group_size", GROUP_SIZE), raw.get("vision", True))
+        except ValueError as e:
+            raise ValueError(f'config.json: malformed "quantization" entry {raw!r}: {e}') from None
 
 
 def stored_quantization(directory: Path) -> Quantization | None:
@@ -609,11 +616,9 @@ def write_quantized(src: Path, dst: Path, q: Quantization, calibration: Sequence
 
     calibration: images (anything `load_image` takes); when given, the layers are quantized by GPTQ
     on them (gptq.py, run on `device`), otherwise rounded to nearest."""
-    from safetensors.torch import save_file
-
     from .config import Blip2Config
     from .model import Blip2Model
-    from .weights import checkpoint_files, read_checkpoint
+    from .weights import checkpoint_files, read_checkpoint, resolve_ties, write_safetensors
 
     src, dst = Path(src), Path(dst)
     if stored_quantization(src) is not None:
@@ -621,6 +626,7 @@ def write_quantized(src: Path, dst: Path, q: Quantization, calibration: Sequence
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst} exists and is not empty")
     cfg = Blip2Config.from_file(src)
+    resolve_ties(src, cfg)
     with torch.device("meta"):
         targets = target_names(Blip2Model(cfg), q)
     calibrated = {}
@@ -635,7 +641,7 @@ def write_quantized(src: Path, dst: Path, q: Quantization, calibration: Sequence
 
     def flush() -> None:
         written.append((dst / f"part-{len(written) + 1:05d}.safetensors", list(shard)))
-        save_file(shard, str(written[-1][0]), metadata={"format": "pt"})
+        write_safetensors(shard, written[-1][0], metadata={"format": "pt"})
         shard.clear()
 
     size = 0

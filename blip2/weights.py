@@ -83,6 +83,13 @@ def _mapped(f, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=torch.uint8, offset=offset - start, count=nbytes).view(dtype)
 
 
+def _alignment(dtype: torch.dtype) -> int:
+    """The address alignment a tensor of `dtype` needs to be handed out as a map of the file. Integer
+    tensors are quantized weights, read by kernels that assume 64-byte rows starts (torch's AVX-512
+    int8 product crashes on weights that are not 16-byte aligned); float ones need their item size."""
+    return 64 if not dtype.is_floating_point else dtype.itemsize
+
+
 def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     """Yield (key, shape, read) for each tensor of a safetensors file; read(dtype) returns the tensor
     in that dtype (None: as stored), reading the file only then."""
@@ -110,9 +117,9 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
                 if dtype != stored and end > start:
                     mapped = _mapped(f, base + start, end - start, stored).view(shape)
                     return mapped.to(dtype) if out is None else out.copy_(mapped)
-                if out is None and end > start and (base + start) % stored.itemsize == 0:
+                if out is None and end > start and (base + start) % _alignment(stored) == 0:
                     return _mapped(f, base + start, end - start, stored).view(shape)  # no copy at all
-                t = torch.empty(shape, dtype=stored) if out is None else out
+                t = torch.empty(shape, dtype=stored) if out is None else out  # torch aligns to 64 bytes
                 f.seek(base + start)
                 got = f.readinto(t.view(-1).view(torch.uint8).numpy()) if t.numel() else 0
             if got != end - start:
@@ -120,6 +127,32 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
             return t
 
         yield key, tuple(info["shape"]), read
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file (readable by the `safetensors` package) whose tensors all start at
+    addresses their kernels can use in place (see _alignment): the header is padded so the data
+    starts on a 64-byte boundary, tensors whose size is a multiple of 64 bytes come first, the rest
+    by decreasing item size. The format forbids gaps between tensors, so this order is the alignment."""
+    names = {dtype: name for name, dtype in _ST_DTYPES.items()}
+    order = sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % 64 != 0, -tensors[k].element_size(), k))
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        header[key] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
+        offset += _nbytes(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 64)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key in order:
+            if tensors[key].numel():
+                f.write(tensors[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def read_bin(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
@@ -169,6 +202,35 @@ _ALIASES = {  # tied copies of the T5 embedding
     "language_model.encoder.embed_tokens.weight": "language_model.shared.weight",
     "language_model.decoder.embed_tokens.weight": "language_model.shared.weight",
 }
+_HEAD = "language_model.lm_head.weight"
+
+
+def _embedding_key(cfg) -> str:
+    return "language_model.shared.weight" if cfg.is_encoder_decoder else "language_model.model.decoder.embed_tokens.weight"
+
+
+def resolve_ties(directory: Path, cfg) -> None:
+    """Check the ties `cfg` (a Blip2Config) declares against what the checkpoint stores, before a
+    model is built from it. A stored output head that differs from the embedding it is declared tied
+    to is the model's real head (transformers 5 writes Flan-T5 so: tie_word_embeddings true and its
+    own lm_head), so the head is untied in `cfg`; one equal to it stays tied and is not read. A
+    stored T5 encoder or decoder embedding that differs from the shared one cannot be computed with,
+    and is an error. The tensors compared are read from the page cache, where loading finds them."""
+    ties = {alias: source for alias, source in _ALIASES.items() if cfg.is_encoder_decoder}
+    if cfg.text.tie_word_embeddings:
+        ties[_HEAD] = _embedding_key(cfg)
+    wanted = set(ties) | set(ties.values())
+    stored = {key: (shape, read) for key, shape, read, _ in read_checkpoint(directory) if key in wanted}
+    for copy, source in ties.items():
+        if copy not in stored or source not in stored:
+            continue
+        (shape, read), (source_shape, read_source) = stored[copy], stored[source]
+        if shape == source_shape and torch.equal(read(None), read_source(None)):
+            continue
+        if copy != _HEAD:
+            raise WeightsError(f"{directory}: {copy} differs from {source}, which it is declared tied to "
+                               "(separate T5 input embeddings are not supported)")
+        cfg.text.tie_word_embeddings = False
 _IGNORED = ("language_model.decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
 
 
@@ -224,8 +286,8 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
         loaded.add(name)
 
     def _other(key: str, shape: tuple, read: Callable, path: Path) -> None:
-        if key == "language_model.lm_head.weight" and model.config.text.tie_word_embeddings:
-            return  # a tied head stored anyway, where the model shares one module for both (quantized)
+        if key == _HEAD and tied:
+            return  # stored anyway, equal to the embedding (resolve_ties)
         if key in _ALIASES:
             aliased.setdefault(_ALIASES[key], (shape, read, path))  # read only if the embedding is absent
         elif key.endswith((".self_attn.q_bias", ".self_attn.v_bias")) and key.startswith("vision_model."):
@@ -235,8 +297,9 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
         elif key not in _IGNORED:
             unexpected.append(f"{key} ({path.name})")
 
+    tied = model.config.text.tie_word_embeddings  # a stored copy of a tied head: equal (resolve_ties)
     for key, shape, read, path in read_checkpoint(directory):
-        if key in expected:
+        if key in expected and not (tied and key == _HEAD):
             place(key, shape, read, path)
         else:
             _other(key, shape, read, path)
@@ -266,12 +329,9 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
 def _tie_heads(model: nn.Module, loaded: set[str]) -> None:
     """Share the embedding as the output head when the checkpoint relies on tying."""
     cfg = model.config.text
-    head = "language_model.lm_head.weight"
-    if head in loaded or not cfg.tie_word_embeddings:
+    if _HEAD in loaded or not cfg.tie_word_embeddings:
         return
-    embedding = ("language_model.shared.weight" if cfg.is_encoder_decoder
-                 else "language_model.model.decoder.embed_tokens.weight")
-    if embedding in loaded:
+    if _embedding_key(cfg) in loaded:
         lm = model.language_model
         lm.lm_head.weight = (lm.shared if cfg.is_encoder_decoder else lm.model.decoder.embed_tokens).weight
-        loaded.add(head)
+        loaded.add(_HEAD)

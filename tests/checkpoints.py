@@ -60,19 +60,26 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def write_checkpoint(directory: Path, cfg: dict, *, fmt: str = "safetensors", seed: int = 0,
-                     flan: bool | None = None) -> Path:
+                     flan: bool | None = None, flan_form: str = "4.x") -> Path:
     """Save a random Blip2ForConditionalGeneration with `transformers`.
 
     fmt: "safetensors" (one file), "sharded" (several safetensors shards and an index), "bin"
     (pytorch_model.bin) or "bin-sharded". A Flan-style T5 gets an untied lm_head and
     tie_word_embeddings false, like blip2-flan-t5-xl. A legacy config (no image_token_index) is
     saved from a model made with one, then stripped, like blip2-opt-2.7b-coco.
+
+    flan_form: how the config says that a Flan-style T5's head is its own: "4.x" as the released
+    blip2-flan-t5-xl (tie_word_embeddings false), "5.x" as transformers 5 writes it
+    (tie_word_embeddings true, scale_decoder_outputs false, the separate lm_head stored).
     """
     from transformers import Blip2Config, Blip2ForConditionalGeneration
 
     if flan is None:
         flan = cfg["text_config"]["model_type"] == "t5"
     legacy = "image_token_index" not in cfg
+    if flan and flan_form == "5.x":
+        cfg = {**cfg, "text_config": {**cfg["text_config"], "tie_word_embeddings": True,
+                                      "scale_decoder_outputs": False, "dense_act_fn": "gelu"}}
     hf_cfg = Blip2Config(**{**cfg, "image_token_index": cfg.get("image_token_index", VOCAB - 1)})
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(hf_cfg).eval()
@@ -90,7 +97,7 @@ def write_checkpoint(directory: Path, cfg: dict, *, fmt: str = "safetensors", se
     if legacy:
         raw.pop("image_token_index", None)
         raw.pop("image_token_id", None)
-    if flan:
+    if flan and flan_form == "4.x":
         raw["text_config"]["tie_word_embeddings"] = False
         raw["text_config"]["dense_act_fn"] = "gelu"
         raw["text_config"].pop("scale_decoder_outputs", None)

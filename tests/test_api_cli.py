@@ -170,10 +170,13 @@ def test_cli_caption_files_dirs_globs_and_failures(ckpt, tmp_path, capsys):
     assert main(args) == 1  # some inputs failed, the rest were captioned
     out, err = capsys.readouterr()
     rows = [json.loads(line) for line in out.splitlines()]
-    assert [r["path"] for r in rows] == [str(folder / f"img{i}.png") for i in range(3)] + [str(folder / "img0.png")]
+    # each file once (img0.png is named twice), the unreadable one as a record with its error
+    assert [r["path"] for r in rows] == [str(folder / f"img{i}.png") for i in range(3)] + [str(tmp_path / "broken.jpg")]
     assert rows[0]["caption"] == model.caption(Image.open(folder / "img0.png"), num_beams=2, max_new_tokens=6)
-    assert all(r["seconds"] >= 0 for r in rows)
-    assert "broken.jpg" in err and "empty: directory has no image files" in err
+    assert all(r["seconds"] >= 0 for r in rows[:3])
+    assert "broken.jpg" in rows[3]["error"] and "caption" not in rows[3]
+    assert "empty: directory has no image files" in err
+    assert err.splitlines()[-1] == "blip2: 3 captioned, 2 failed"
 
 
 def test_cli_caption_plain_text_exit_zero(ckpt, tmp_path, capsys):

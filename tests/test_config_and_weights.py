@@ -205,3 +205,39 @@ def test_import_does_not_pull_in_transformers():
 
     code = "import sys, blip2; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_stored_copy_of_a_tied_head_equal_to_the_embedding_stays_tied(opt_ckpt, quantize):
+    _edit(opt_ckpt, lambda s: s.update({"language_model.lm_head.weight":
+                                        s["language_model.model.decoder.embed_tokens.weight"].clone()}))
+    lm = blip2.load(opt_ckpt, dtype="bfloat16", quantize=quantize).model.language_model
+    embedding = lm.model.decoder.embed_tokens
+    assert lm.lm_head is embedding if quantize else lm.lm_head.weight is embedding.weight
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_stored_head_that_differs_from_its_tied_embedding_is_used(opt_ckpt, quantize):
+    # As transformers does: a head stored with other values than the embedding it is declared tied
+    # to is the model's real head, in every precision (a quantized load used to drop it).
+    from checkpoints import opt_inputs, pixels, reference, rel_err
+
+    head = 0.5 * torch.randn(99, 48, generator=torch.Generator().manual_seed(5))
+    _edit(opt_ckpt, lambda s: s.update({"language_model.lm_head.weight": head}))
+    cfg = json.loads((opt_ckpt / "config.json").read_text())
+    assert cfg["text_config"].get("tie_word_embeddings", True)
+    ids, mask = opt_inputs(cfg, [[5, 6, 7], [8]])
+    with torch.no_grad():
+        expected = reference(opt_ckpt)(pixel_values=pixels(2, 28), input_ids=ids, attention_mask=mask).logits
+    model = blip2.load(opt_ckpt, quantize=quantize)
+    lm = model.model.language_model
+    assert lm.lm_head is not lm.model.decoder.embed_tokens
+    assert rel_err(model.forward(pixels(2, 28), ids, mask), expected) < (1e-4 if quantize is None else 0.05)
+
+
+def test_t5_input_embedding_that_differs_from_the_shared_one_is_refused(ckpt_root, tmp_path):
+    path = write_checkpoint(tmp_path / "t5", tiny_config("t5"), seed=14)
+    _edit(path, lambda s: s.update({"language_model.encoder.embed_tokens.weight":
+                                    s["language_model.shared.weight"] + 1}))
+    with pytest.raises(blip2.WeightsError, match="encoder.embed_tokens.weight differs from language_model.shared"):
+        blip2.load(path)

@@ -21,6 +21,7 @@ CASES = {
     "opt-proj-dim-caf1-size42": dict(lm="opt", word_embed_proj_dim=24, cross_attention_frequency=1, image_size=42),
     "opt-post-ln-eps1e-5": dict(lm="opt", do_layer_norm_before=False, word_embed_proj_dim=20, vision_eps=1e-5),
     "t5-flan-caf1-size42": dict(lm="t5", cross_attention_frequency=1, image_size=42),
+    "t5-flan-5.x-config": dict(lm="t5", flan_form="5.x"),
     "t5-tied-relu-caf3": dict(lm="t5", cross_attention_frequency=3, feed_forward_proj="relu", t5_d_kv=10),
 }
 
@@ -43,12 +44,12 @@ def _inputs(cfg):
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, ckpt_root):
     opts = dict(CASES[request.param])
-    lm = opts.pop("lm")
+    lm, form = opts.pop("lm"), opts.pop("flan_form", "4.x")
     cfg = tiny_config(lm, **opts)
     if lm == "t5" and opts.get("feed_forward_proj") == "relu":  # original-T5 style: tied head, rescaled output
         path = write_checkpoint(ckpt_root / request.param, cfg, flan=False)
     else:
-        path = write_checkpoint(ckpt_root / request.param, cfg)
+        path = write_checkpoint(ckpt_root / request.param, cfg, flan_form=form)
     return cfg, path, reference(path), blip2.load(path)
 
 
