@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .generation import GenerationConfig
 from .hub import DEFAULT_MODEL
 from .processing import ImageWarning
 
@@ -105,7 +106,9 @@ def _generation(args: argparse.Namespace) -> dict:
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     if args.sample:
         settings.update(do_sample=True, num_beams=args.beams or 1)
-    return {k: v for k, v in settings.items() if v is not None}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    GenerationConfig.make(**settings)  # a bad setting fails now, not after loading the model
+    return settings
 
 
 def _load(args: argparse.Namespace):
@@ -126,8 +129,8 @@ def _caption(args: argparse.Namespace) -> int:
     if not paths:
         _err("no images to caption")
         return 1
-    model = _load(args)
     settings = _generation(args)
+    model = _load(args)
     out = Records(sys.stdout)
     captioned, failed = 0, len(errors)
     progress = Progress(len(paths))
@@ -206,9 +209,10 @@ class Records:
 def _ask(args: argparse.Namespace) -> int:
     from .processing import load_image
 
-    image = load_image(args.image)  # a bad image or path fails before the model is loaded
+    image = load_image(args.image)  # a bad image, path or setting fails before the model is loaded
+    settings = _generation(args)
     model = _load(args)
-    print(model.ask(image, args.question, **_generation(args)), flush=True)
+    print(model.ask(image, args.question, **settings), flush=True)
     return 0
 
 
@@ -216,13 +220,15 @@ def _chat(args: argparse.Namespace) -> int:
     from .processing import ImageError, load_image
 
     image = load_image(args.image)
-    model = _load(args)
     settings = _generation(args)
+    model = _load(args)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Ask about the image. /reset clears the conversation, /image PATH changes the image, "
               "Ctrl-D leaves.", file=sys.stderr)
     messages: list[dict] = []
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes spoil their own line, not the stream
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
             line = input("you> " if interactive else "").strip()
@@ -230,10 +236,10 @@ def _chat(args: argparse.Namespace) -> int:
             if interactive:
                 print(file=sys.stderr)
             return 0
-        except UnicodeDecodeError as e:
-            _err(f"that line is not valid text ({e.reason}); the conversation goes on")
-            continue
         if not line:
+            continue
+        if not _is_utf8(line):
+            _err("that line is not valid UTF-8 text; the conversation goes on without it")
             continue
         if line == "/reset":
             messages = []
@@ -256,6 +262,14 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "assistant", "content": reply})
         print(f"blip2> {reply}" if interactive else reply, flush=True)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -3,7 +3,7 @@
 Both steps equal the reference (`transformers`' BlipImageProcessorPil and Blip2Processor) on the
 files of a checkpoint directory, with these deliberate differences:
 
-- `load_image` applies the EXIF orientation (`PIL.ImageOps.exif_transpose`); the reference feeds
+- `load_image` applies the EXIF orientation (as `PIL.ImageOps.exif_transpose`); the reference feeds
   the stored pixels, so a portrait phone photo reaches the model lying on its side.
 - 16-bit and 32-bit images are scaled to 8 bits; the reference's `convert("RGB")` clips them
   at 255, which turns most of such an image white.
@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .config import ConfigError
@@ -151,23 +151,54 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # As the reference: transparent pixels become white, not the black of a plain convert().
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, img.convert("RGBA")).convert("RGB")
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _decode(img: Image.Image, name: str) -> Image.Image:
+# The EXIF orientation tag's values and the transposition that shows each upright, as
+# PIL.ImageOps.exif_transpose turns them (which would also rewrite the metadata: our images need none,
+# and broken metadata made it raise).
+_ORIENTATION = 0x0112
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}
+
+
+def _decode(img: Image.Image, name: str, problem: str | None = None) -> Image.Image:
+    """`img` decoded in full, turned by its EXIF orientation, in RGB: `img` itself where it needs no
+    change, else a new image. problem: what Pillow said of its metadata while opening it (`_quietly`)."""
+    if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # Pillow only warns up to twice that: refuse it here
+        raise Image.DecompressionBombError(f"{img.width * img.height} pixels, more than MAX_IMAGE_PIXELS="
+                                           f"{Image.MAX_IMAGE_PIXELS}")
     img.load()  # decode in full now, so a truncated file fails here rather than half-read
     if img.width == 0 or img.height == 0:
         raise ImageError(f"image {name} has no pixels ({img.width}x{img.height})")
-    with warnings.catch_warnings(record=True) as complaints:  # Pillow's own, which name no file
-        warnings.simplefilter("always")
-        try:
-            img = ImageOps.exif_transpose(img)
-            problem = complaints[-1].message if complaints else None
-        except Exception as e:  # noqa: BLE001 - Pillow raises struct.error, KeyError, ... on malformed EXIF
-            problem = f"{type(e).__name__}: {e}; used without its orientation"
+    try:
+        turn, parsing = _quietly(lambda: _TURNS.get(img.getexif().get(_ORIENTATION)))  # tags parse lazily
+        problem = problem or parsing
+    except Exception as e:  # noqa: BLE001 - Pillow raises struct.error, KeyError, ... on malformed EXIF
+        turn, problem = None, f"{type(e).__name__}: {e}; used without its orientation"
     if problem is not None:
-        warnings.warn(f"image {name}: malformed EXIF metadata ({problem})", ImageWarning)
+        warnings.warn(f"image {name}: malformed EXIF metadata ({problem})", ImageWarning, stacklevel=4)
+    if turn is not None:
+        img = img.transpose(turn)
     return _to_rgb(img)
+
+
+# Pillow reports malformed metadata as warnings that name no file: they are caught while one thread at
+# a time parses (warnings.catch_warnings changes process-wide state) and said again with the image's name.
+_PARSING = threading.Lock()
+
+
+def _quietly(parse, *args, **kwargs) -> tuple:
+    """parse(*args, **kwargs) with Pillow's warnings caught: its result, and the first warning's text (or None)."""
+    with _PARSING, warnings.catch_warnings(record=True) as complaints:
+        warnings.simplefilter("always")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            result = parse(*args, **kwargs)
+        except Image.DecompressionBombWarning as e:
+            raise Image.DecompressionBombError(str(e)) from None
+    return result, str(complaints[0].message) if complaints else None
 
 
 def load_image(source: ImageSource, *, timeout: float = 30.0, max_bytes: int = 50_000_000) -> Image.Image:
@@ -180,33 +211,40 @@ def load_image(source: ImageSource, *, timeout: float = 30.0, max_bytes: int = 5
     `ImageError` naming the input on any failure, including truncated files and images over
     `PIL.Image.MAX_IMAGE_PIXELS` (decompression bombs).
     """
+    return _with_image(source, lambda rgb, given: rgb.copy() if rgb is given else rgb, timeout, max_bytes)
+
+
+def _with_image(source: ImageSource, use, timeout: float = 30.0, max_bytes: int = 50_000_000):
+    """use(rgb, given) for `source` as an RGB image (load_image's), while the file it came from is
+    open; `given` is the PIL image opened or passed in, which `rgb` may be. Every error, `use`'s
+    included, is an ImageError naming the source. Nothing is copied that `use` does not copy: the
+    image workers resize straight from the decoded file."""
     name = _describe(source)
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; treat it as the error it is.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if isinstance(source, Image.Image):
-                return _decode(source, name)
-            if isinstance(source, (np.ndarray, torch.Tensor)):
-                array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
-                return _decode(_from_array(array), name)
-            if isinstance(source, str) and source.startswith(("http://", "https://")):
-                source = _fetch(source, timeout, max_bytes)
-            if isinstance(source, (bytes, bytearray)):
-                source = io.BytesIO(source)
-            elif isinstance(source, (str, os.PathLike)):
-                source = Path(source).expanduser()
-                if source.is_dir():
-                    raise ImageError(f"{name} is a directory, not an image file")
-                if not source.is_file():
-                    raise ImageError(f"image file not found: {name}")
-            else:
-                raise ImageError(f"cannot load an image from {name} (give a path, URL, bytes, PIL image or array)")
-            with Image.open(source) as img:
-                return _decode(img, name)
+        if isinstance(source, Image.Image):
+            return use(_decode(source, name), source)
+        if isinstance(source, (np.ndarray, torch.Tensor)):
+            array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+            img = _from_array(array)
+            return use(_decode(img, name), None)
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            source = _fetch(source, timeout, max_bytes)
+        if isinstance(source, (bytes, bytearray)):
+            source = io.BytesIO(source)
+        elif isinstance(source, (str, os.PathLike)):
+            source = Path(source).expanduser()
+            if source.is_dir():
+                raise ImageError(f"{name} is a directory, not an image file")
+            if not source.is_file():
+                raise ImageError(f"image file not found: {name}")
+        else:
+            raise ImageError(f"cannot load an image from {name} (give a path, URL, bytes, PIL image or array)")
+        img, problem = _quietly(Image.open, source)
+        with img:
+            return use(_decode(img, name, problem), img)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(f"image {name} is too large (decompression bomb check): {e}") from None
     except UnidentifiedImageError:
         raise ImageError(f"not a readable image: {name}") from None
@@ -355,7 +393,7 @@ def _is_triple(values) -> bool:
 
 def _resized_or_error(processor: ImageProcessor, image: ImageSource) -> torch.Tensor | ImageError:
     try:
-        return processor.resized(load_image(image))
+        return _with_image(image, lambda rgb, _: processor.resized(rgb))
     except ImageError as e:
         return e
 
@@ -369,10 +407,10 @@ def _raising(rows: Iterator[torch.Tensor | ImageError]) -> Iterator[torch.Tensor
 
 def _resize_into(processor: ImageProcessor, path: str, i: int, image: ImageSource) -> int | ImageError:
     """In a worker process: image i resized, written at its place in the batch's file (or its error)."""
-    try:
-        row = processor.resized(load_image(image)).numpy()
-    except ImageError as e:
-        return e
+    row = _resized_or_error(processor, image)
+    if isinstance(row, ImageError):
+        return row
+    row = row.numpy()
     fd = os.open(path, os.O_WRONLY)
     try:
         os.pwrite(fd, row, i * row.nbytes)

@@ -67,11 +67,24 @@ def _safetensors_header(path: Path, f) -> tuple[dict, int]:
         header = json.loads(f.read(n))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise WeightsError(f"{path}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
+    for key, entry in header.items():
+        if not _valid_entry(entry):
+            raise WeightsError(f"{path}: corrupt safetensors header entry for {key!r}: {str(entry)[:80]}")
     end = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + end > size:
         raise WeightsError(f"{path}: truncated ({size} bytes, header says {8 + n + end})")
     return header, 8 + n
+
+
+def _valid_entry(entry) -> bool:
+    """Whether a safetensors header entry has a dtype name, a shape and a [start, end] byte range."""
+    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v)  # noqa: E731
+    return (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and ints(entry.get("shape"))
+            and ints(entry.get("data_offsets")) and len(entry["data_offsets"]) == 2
+            and entry["data_offsets"][0] <= entry["data_offsets"][1])
 
 
 def _mapped(f, offset: int, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
