@@ -283,3 +283,17 @@ class Blip2Config:
     def eos_token_ids(self) -> list[int]:
         eos = self.text.eos_token_id
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def read_settings(path: Path) -> dict:
+    """A JSON object from one of a checkpoint's settings files ({} when there is no such file); a
+    file that is not a JSON object is a ConfigError naming it."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    return raw

@@ -27,15 +27,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 run cuda_check 90 python3 scripts/cuda_check.py
 grep -o '"check": "[^"]*"[^}]*"ok": [a-z]*' "$out/cuda_check.log" | sed 's/"relative_error": [^,]*, //'
-run make 120 python3 -m blip2.bench make --model opt-2.7b --dir "$dir"
-run bench_opt 200 python3 -m blip2.bench run --model opt-2.7b --device cuda --dtype float16 --repeat 1 \
+run make 120 blip2 bench make --model opt-2.7b --dir "$dir"
+run bench_opt 200 blip2 bench run --model opt-2.7b --device cuda --dtype float16 --repeat 1 \
     --batches 8,32,256 --compare "${COMPARE:-transformers}" --dir "$dir" --json "$out/bench_opt.json"
 grep '^|' "$out/bench_opt.log"
 [[ -n ${AB-stall} ]] && run ab 90 python3 scripts/gpu_ab.py --model "$dir/opt-2.7b" --only "${AB-stall}" --json "$out/ab.json"
 [[ -n ${AB-stall} ]] && grep -E '"(prep_encode_s|done_s|no_pinned_memory_s|chunks_of_64_s)"' "$out/ab.log"
 mv "$dir/opt-2.7b" "$dir/opt-2.7b.later"
-run make 120 python3 -m blip2.bench make --model flan-t5-xl --dir "$dir"
-run bench_t5 150 python3 -m blip2.bench run --model flan-t5-xl --device cuda --dtype bfloat16 --repeat 1 \
+run make 120 blip2 bench make --model flan-t5-xl --dir "$dir"
+run bench_t5 150 blip2 bench run --model flan-t5-xl --device cuda --dtype bfloat16 --repeat 1 \
     --batches 8,32,256 --dir "$dir" --json "$out/bench_t5.json"
 grep '^|' "$out/bench_t5.log"
 run profile_t5 90 python3 scripts/gpu_profile.py --model "$dir/flan-t5-xl" --dtype bfloat16 --batch 256 \

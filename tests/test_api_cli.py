@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 import blip2
-from blip2.api import render_chat
-from blip2.cli import main
+from blip2.inputs.prompts import render_chat
+from blip2.apps.cli import main
 from checkpoints import full_checkpoint, legacy_copy, reference
 
 PROMPTS = ["a photo of", "Question: what is on the left? Answer:", ""]
@@ -105,7 +105,7 @@ def test_new_images_are_encoded_together_in_batches(ckpt, monkeypatch):
     _, _, _, model = ckpt
     original = model.encode_images
     calls = _count_encodes(model, monkeypatch)
-    monkeypatch.setattr(blip2.api, "ENCODE_BATCH", 2)
+    monkeypatch.setattr(blip2.engine.pipeline, "ENCODE_BATCH", 2)
     images = _images(3)
     px = model.pixel_values([images[0], images[1], images[0], images[2]])
     queries = model.image_queries(px)
@@ -120,7 +120,7 @@ def test_streamed_resized_images_give_the_normalised_queries(ckpt):
     the same pixels, hence the same queries, as the normalised batch."""
     _, _, _, model = ckpt
     images = _images(3)
-    rows = list(model.image_processor.stream(images))
+    rows = list(model.images(images))
     assert all(r.dtype == torch.uint8 for r in rows)
     px = model.pixel_values(images)
     assert torch.equal(model.image_processor.normalize(torch.stack(rows)), px)
@@ -144,7 +144,7 @@ def test_bad_inputs_name_the_problem(ckpt, tmp_path):
     _, _, _, model = ckpt
     with pytest.raises(ValueError, match="tokens long"):
         model.caption(_images(1)[0], "word " * 3000)
-    with pytest.raises(blip2.processing.ImageError, match="not found"):
+    with pytest.raises(blip2.ImageError, match="not found"):
         model.caption(str(tmp_path / "missing.jpg"))
     with pytest.raises(TypeError, match="unknown generation setting"):
         model.caption(_images(1)[0], beams=3)

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors import safe_open
 
 import blip2
-from blip2.bench import CONFIGS, PROMPT, _agreement, _checkpoint_shapes, _write_checkpoint, floors, rows, work
+from blip2.apps.bench import CONFIGS, PROMPT, agreement, floors, rows, work
+from blip2.apps.bench.checkpoints import checkpoint_shapes, write_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +42,7 @@ def _tiny(kind: str) -> dict:
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
 def test_tiny_checkpoint_loads_in_transformers_without_missing_or_unexpected_keys(tmp_path, kind):
     config = _tiny(kind)
-    out = _write_checkpoint(config, tmp_path / kind, shard_bytes=40_000)
+    out = write_checkpoint(config, tmp_path / kind, shard_bytes=40_000)
 
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -52,7 +53,7 @@ def test_tiny_checkpoint_loads_in_transformers_without_missing_or_unexpected_key
         with safe_open(out / name, "pt") as f:
             assert f.metadata() == {"format": "pt"}
             stored.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-    assert stored == dict(_checkpoint_shapes(config))
+    assert stored == dict(checkpoint_shapes(config))
     assert set(index["weight_map"]) == set(stored)
     assert index["metadata"]["total_size"] == 4 * sum(prod(s) for s in stored.values())
 
@@ -74,40 +75,40 @@ def test_tiny_checkpoint_loads_in_transformers_without_missing_or_unexpected_key
 
 def test_complete_checkpoint_is_reused_and_a_different_seed_rewrites_it(tmp_path):
     config = _tiny("opt-2.7b")
-    out = _write_checkpoint(config, tmp_path, shard_bytes=40_000)
+    out = write_checkpoint(config, tmp_path, shard_bytes=40_000)
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("model-*.safetensors")}
-    _write_checkpoint(config, tmp_path, shard_bytes=40_000)
+    write_checkpoint(config, tmp_path, shard_bytes=40_000)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("model-*.safetensors")} == first
 
     shard = out / f"model-00001-of-{len(first):05d}.safetensors"
     with safe_open(shard, "pt") as f:
         before = f.get_tensor("query_tokens")
-    _write_checkpoint(config, tmp_path, shard_bytes=40_000, seed=1)
+    write_checkpoint(config, tmp_path, shard_bytes=40_000, seed=1)
     with safe_open(shard, "pt") as f:
         assert not torch.equal(f.get_tensor("query_tokens"), before)
 
 
 def test_truncated_shard_is_detected_and_rewritten(tmp_path):
     config = _tiny("opt-2.7b")
-    out = _write_checkpoint(config, tmp_path, shard_bytes=40_000)
+    out = write_checkpoint(config, tmp_path, shard_bytes=40_000)
     shard = sorted(out.glob("model-*.safetensors"))[0]
     size = shard.stat().st_size
     shard.write_bytes(shard.read_bytes()[: size // 2])
-    _write_checkpoint(config, tmp_path, shard_bytes=40_000)
+    write_checkpoint(config, tmp_path, shard_bytes=40_000)
     assert shard.stat().st_size == size
 
 
 def test_full_size_specs_have_the_released_parameter_counts():
     # REFERENCE.md: ViT-g + Q-Former + projection + language model (OPT's lm_head tied, so not stored).
-    opt = sum(prod(s) for _, s in _checkpoint_shapes(CONFIGS["opt-2.7b"]))
-    t5 = sum(prod(s) for _, s in _checkpoint_shapes(CONFIGS["flan-t5-xl"]))
+    opt = sum(prod(s) for _, s in checkpoint_shapes(CONFIGS["opt-2.7b"]))
+    t5 = sum(prod(s) for _, s in checkpoint_shapes(CONFIGS["flan-t5-xl"]))
     assert opt == 985_952_256 + 105_162_240 + 1_968_640 + 2_651_678_720
     assert t5 == 985_952_256 + 105_162_240 + 1_574_912 + 2_849_757_184
 
 
 def test_bench_tokenizer_gives_transformers_and_us_the_same_ids_with_the_image_token_at_its_config_id(tmp_path):
     config = _tiny("opt-2.7b")
-    out = _write_checkpoint(config, tmp_path, shard_bytes=40_000)
+    out = write_checkpoint(config, tmp_path, shard_bytes=40_000)
     processor = transformers.Blip2Processor.from_pretrained(out, backend="pil")
     theirs = processor(images=[Image.new("RGB", (64, 48))], text=[PROMPT], return_tensors="pt").input_ids
     ours = blip2.load(out).tokenizer([PROMPT]).input_ids
@@ -119,13 +120,13 @@ def test_bench_tokenizer_gives_transformers_and_us_the_same_ids_with_the_image_t
 
 
 def test_floors_count_every_weight_a_decoding_step_reads():
-    opt = work(CONFIGS["opt-2.7b"], dict(_checkpoint_shapes(CONFIGS["opt-2.7b"])), prompt_ids=13)
+    opt = work(CONFIGS["opt-2.7b"], dict(checkpoint_shapes(CONFIGS["opt-2.7b"])), prompt_ids=13)
     # 32 OPT layers (q, k, v, out 2560^2; fc1, fc2 2560x10240) and the tied 50304x2560 head.
     assert opt["step_params"] == 32 * (4 * 2560**2 + 2 * 2560 * 10240) + 50304 * 2560
     assert opt["params"] == 985_952_256 + 105_162_240 + 1_968_640 + 2_651_678_720
     # ViT-g: 257 tokens through 985 M weights dominate one image's encoding.
     assert 257 * 0.98e9 < opt["encode_macs"] < 257 * 1.05e9
-    t5 = work(CONFIGS["flan-t5-xl"], dict(_checkpoint_shapes(CONFIGS["flan-t5-xl"])), prompt_ids=13)
+    t5 = work(CONFIGS["flan-t5-xl"], dict(checkpoint_shapes(CONFIGS["flan-t5-xl"])), prompt_ids=13)
     # T5 decoder: self-attention 4, cross-attention q and o 2 (its keys and values come from the prefill),
     # gated FFN 3 matrices; plus the untied head.
     assert t5["step_params"] == 24 * (6 * 2048**2 + 3 * 2048 * 5120) + 32128 * 2048
@@ -141,7 +142,7 @@ def test_floors_count_every_weight_a_decoding_step_reads():
 def test_quick_benchmark_runs(tmp_path):
     """The CI form: both systems in fresh processes on a small config; every row of the table."""
     json_path = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "blip2.bench", "run", "--quick", "--dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "blip2.apps.cli", "bench", "run", "--quick", "--dir", str(tmp_path),
                            "--json", str(json_path)], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -157,13 +158,13 @@ def test_quick_benchmark_runs(tmp_path):
 def test_agreement_names_where_systems_part():
     runs = {"ours": [{"tokens": [1, 2, 3]}], "transformers": [{"tokens": [1, 2, 4]}],
             "ours-int8": [{"tokens": [1, 2, 3]}]}
-    note = _agreement(runs)
+    note = agreement(runs)
     assert "ours and transformers agree on the first 2 of 20 tokens (random weights" in note
     assert "ours and ours-int8 generate the same 20 tokens" in note
 
 
 def test_bench_batches_option_is_checked():
-    proc = subprocess.run([sys.executable, "-m", "blip2.bench", "run", "--quick", "--batches", "8,x"],
+    proc = subprocess.run([sys.executable, "-m", "blip2.apps.cli", "bench", "run", "--quick", "--batches", "8,x"],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and "--batches takes comma-separated positive sizes" in proc.stderr
 
@@ -171,13 +172,13 @@ def test_bench_batches_option_is_checked():
 def test_vllm_runs_in_an_interpreter_of_its_own(tmp_path):
     # vLLM pins its own torch, so `--vllm-python` names a venv's interpreter: its version is probed
     # there, and its worker's result is the last JSON line it prints (vLLM prints more at exit).
-    from blip2.bench import _vllm_version, run_worker
+    from blip2.apps.bench import run_worker, vllm_version
 
     fake = tmp_path / "python"
     fake.write_text('#!/bin/sh\ncase "$2" in *vllm*) echo 0.32.0;; *) echo \'{"system": "vllm", "load_s": 1.5}\'; '
                     'echo "shutting down";; esac\n')
     fake.chmod(0o755)
-    assert _vllm_version(str(fake)) == "0.32.0"
-    assert _vllm_version(str(tmp_path / "missing")) is None
+    assert vllm_version(str(fake)) == "0.32.0"
+    assert vllm_version(str(tmp_path / "missing")) is None
     result = run_worker({"system": "vllm"}, python=str(fake))
     assert result["system"] == "vllm" and result["load_s"] == 1.5

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import blip2
 from blip2.config import Blip2Config, ConfigError, OPTConfig, T5Config
-from blip2.model import Blip2Model
+from blip2.models.blip2 import Blip2Model
 from checkpoints import tiny_config, write_checkpoint
 
 # The released checkpoints' config.json, reduced to the fields that matter (REFERENCE.md).

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 import blip2
-from blip2.layers import PACK_FOR_ROWS, KVCache, PackedLinear, _onednn_packs, can_pack, single_query_attention
+import blip2.models.opt
+import blip2.models.t5
+from blip2.engine.generation import GenerationConfig
+from blip2.engine.sessions import generate
+from blip2.models.layers import KVCache, single_query_attention
+from blip2.quant.packed import PACK_FOR_ROWS, PackedLinear, _onednn_packs, can_pack
 from checkpoints import opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 
@@ -28,7 +33,7 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     assert isinstance(fc1, PackedLinear) and fc1.rows == PACK_FOR_ROWS
     decoder = [m for m in packed.model.language_model.modules() if isinstance(m, PackedLinear)]
     assert {m.rows for m in decoder} == {1 if dtype == "float32" else PACK_FOR_ROWS}  # float32 decodes one row
-    monkeypatch.setattr(blip2.api, "can_pack", lambda *a: False)
+    monkeypatch.setattr(blip2.engine.pipeline, "can_pack", lambda *a: False)
     plain = blip2.load(path, dtype=dtype)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
     ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
@@ -40,9 +45,9 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     with torch.inference_mode():
         q = packed.model.encode_images(px)
         assert same(q, plain.model.encode_images(px))
-        gen = blip2.generation.GenerationConfig(num_beams=3, max_new_tokens=6)
-        a = packed.model.generate(q, ids, mask, gen)
-        b = plain.model.generate(plain.model.encode_images(px), ids, mask, gen)
+        gen = GenerationConfig(num_beams=3, max_new_tokens=6)
+        a = generate(packed.model, q, ids, mask, gen)
+        b = generate(plain.model, plain.model.encode_images(px), ids, mask, gen)
     assert [s.token_ids for r in a for s in r] == [s.token_ids for r in b for s in r]
 
 
@@ -88,12 +93,12 @@ def test_generation_with_single_query_attention_equals_plain(lm, ckpt_root, monk
     cfg = tiny_config(lm, num_decoder_layers=2) if lm == "t5" else tiny_config(lm)
     m = blip2.load(write_checkpoint(ckpt_root / f"single-query-{lm}", cfg, seed=43), dtype="float32")
     ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
-    gen = blip2.generation.GenerationConfig(num_beams=3, max_new_tokens=6, num_return_sequences=2)
+    gen = GenerationConfig(num_beams=3, max_new_tokens=6, num_return_sequences=2)
     px = pixels(2, 28)
 
     def run():
         with torch.inference_mode():
-            return [[s.token_ids for s in r] for r in m.model.generate(m.model.encode_images(px), ids, mask, gen)]
+            return [[s.token_ids for s in r] for r in generate(m.model, m.model.encode_images(px), ids, mask, gen)]
 
     plain = run()
     used = []
@@ -104,5 +109,5 @@ def test_generation_with_single_query_attention_equals_plain(lm, ckpt_root, monk
             return single_query_attention(q, k, v, mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
-    monkeypatch.setattr(getattr(blip2, lm), "attention", routed)
+    monkeypatch.setattr(getattr(blip2.models, lm), "attention", routed)
     assert run() == plain and used

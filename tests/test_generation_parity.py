@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import blip2
-from blip2.generation import GenerationConfig
+from blip2.engine.generation import GenerationConfig
+from blip2.engine.sessions import generate
 from checkpoints import opt_inputs, pixels, reference, t5_inputs, tiny_config, write_checkpoint
 
 PROMPTS = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
@@ -50,7 +51,7 @@ def _reference_new_tokens(ref, cfg, px, ids, mask, **settings):
 def _ours(model, px, ids, mask, **settings):
     with torch.inference_mode():
         queries = model.model.encode_images(px)
-        return model.model.generate(queries, ids, mask, GenerationConfig.make(**{"max_new_tokens": 10, **settings}))
+        return generate(model.model, queries, ids, mask, GenerationConfig.make(**{"max_new_tokens": 10, **settings}))
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "greedy")
@@ -107,15 +108,15 @@ def test_sampled_first_tokens_follow_the_warped_distribution(models):
         queries = ours.model.encode_images(px)
         embeds, m = ours.model.embed_inputs(queries, ids, mask)
         if cfg["text_config"]["model_type"] == "opt":
-            from blip2.opt import OPTSession as Session
+            from blip2.engine.sessions import OPTSession as Session
         else:
-            from blip2.t5 import T5Session as Session
+            from blip2.engine.sessions import T5Session as Session
         logits = Session(ours.model.language_model, embeds, m, 1, 1).prefill()
         probs = (logits / 2.0).softmax(-1)[0]
         top = probs.topk(8)
         expected = torch.zeros_like(probs)
         expected[top.indices] = top.values / top.values.sum()
-        rows = ours.model.generate(queries, ids, mask, GenerationConfig.make(gen, num_return_sequences=n))[0]
+        rows = generate(ours.model, queries, ids, mask, GenerationConfig.make(gen, num_return_sequences=n))[0]
     counts = torch.bincount(torch.tensor([s.token_ids[0] for s in rows]), minlength=probs.numel()).float()
     assert set(counts.nonzero()[:, 0].tolist()) <= set(top.indices.tolist())
     total_variation = 0.5 * (counts / n - expected).abs().sum()

@@ -18,8 +18,10 @@ import torch
 from PIL import Image, ImageOps
 from text_fixtures import make_opt_tokenizer, make_processor_files, make_t5_tokenizer
 
-import blip2.processing as processing
-from blip2.processing import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor, PromptTokenizer, load_image
+import blip2.inputs.image_stream as image_stream
+from blip2.inputs.image_stream import ImageStream, prepared
+from blip2.inputs.images import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor, load_image
+from blip2.inputs.tokenizer import PromptTokenizer
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, Blip2Processor  # noqa: E402  (test-only oracle)
@@ -71,7 +73,7 @@ def _reference_pixels(image: Image.Image, size: int) -> torch.Tensor:
 @pytest.mark.parametrize("mode", list(_mode_images()))
 def test_pixels_equal_reference_pil_processor_bit_for_bit(mode: str, size: int) -> None:
     image = _mode_images()[mode]
-    ours = ImageProcessor(size=size)(image)
+    ours = _pixels(ImageProcessor(size=size), image)
     assert ours.dtype == torch.float32 and ours.shape == (1, 3, size, size)
     assert torch.equal(ours, _reference_pixels(image, size))
 
@@ -79,7 +81,7 @@ def test_pixels_equal_reference_pil_processor_bit_for_bit(mode: str, size: int) 
 def test_batch_of_mixed_images_equals_reference_batch() -> None:
     images = list(_mode_images().values())
     ref = BlipImageProcessorPil(size={"height": 224, "width": 224})(images, return_tensors="pt")["pixel_values"]
-    assert torch.equal(ImageProcessor()(images), ref)
+    assert torch.equal(_pixels(ImageProcessor(), images), ref)
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
@@ -89,8 +91,8 @@ def test_sixteen_bit_images_are_scaled_not_clipped() -> None:
     assert image16.mode == "I;16"
     as8bit = Image.fromarray(levels.astype(np.uint8))
     expected = _reference_pixels(as8bit, 224)
-    assert torch.equal(ImageProcessor()(image16), expected)
-    assert torch.equal(ImageProcessor()(Image.fromarray((levels * 257).astype(np.int32))), expected)  # mode "I"
+    assert torch.equal(_pixels(ImageProcessor(), image16), expected)
+    assert torch.equal(_pixels(ImageProcessor(), Image.fromarray((levels * 257).astype(np.int32))), expected)  # mode "I"
     assert not torch.equal(_reference_pixels(image16, 224), expected)
 
 
@@ -106,7 +108,7 @@ def test_all_input_kinds_give_the_same_tensor_as_the_path(tmp_path: Path) -> Non
     path = tmp_path / "img.png"
     image.save(path)
     array = np.asarray(image)
-    expected = ImageProcessor()(str(path))
+    expected = _pixels(ImageProcessor(), str(path))
     assert torch.equal(expected, _reference_pixels(Image.open(path), 224))
     for source in (
         path,
@@ -117,39 +119,46 @@ def test_all_input_kinds_give_the_same_tensor_as_the_path(tmp_path: Path) -> Non
         torch.from_numpy(array.copy()).permute(2, 0, 1),  # channels-first uint8
         torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255.0,
     ):
-        assert torch.equal(ImageProcessor()(source), expected), type(source)
+        assert torch.equal(_pixels(ImageProcessor(), source), expected), type(source)
     gray = np.asarray(image.convert("L"))
-    assert torch.equal(ImageProcessor()(gray), _reference_pixels(image.convert("L"), 224))
-    assert torch.equal(ImageProcessor()(np.stack([array, array])), torch.cat([expected, expected]))
+    assert torch.equal(_pixels(ImageProcessor(), gray), _reference_pixels(image.convert("L"), 224))
+    assert torch.equal(_pixels(ImageProcessor(), np.stack([array, array])), torch.cat([expected, expected]))
 
 
-@pytest.mark.skipif(not processing._FORK, reason="worker processes are forked, which this platform cannot")
+@pytest.mark.skipif(not image_stream._FORK, reason="worker processes are forked, which this platform cannot")
+def _pixels(processor: ImageProcessor, images) -> torch.Tensor:
+    """The model's input for one image or a batch (a list, or a 4-D array), through the image stream."""
+    batch = isinstance(images, list) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
+    return prepared(processor, list(images) if batch else [images])
+
+
 def test_images_prepared_in_worker_processes_equal_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # What a process feeding a GPU does with a large batch of files: the same rows, in order; a bad
     # file's error names it, and the pool still serves the next batch.
-    monkeypatch.setattr(processing, "_cores", lambda: 2)
     paths = []
     for i in range(5):
         paths.append(tmp_path / f"{i}.png")
         _rng_image(40 + i, 50, seed=i).save(paths[-1])
     sources = [str(p) for p in paths[:3]] + [paths[3], paths[4].read_bytes()]
-    processor = ImageProcessor(size=32)
-    threads = list(processor.stream(sources))
-    monkeypatch.setattr(processing, "_pool", None)  # no threads from here on
-    in_processes = list(processor.stream(sources, processes=True))
+    stream = ImageStream(ImageProcessor(size=32), workers=2)
+    threads = list(stream(sources))
+    stream.close()
+    in_processes = list(stream(sources, processes=True))
+    assert stream._threads is None  # the processes did the work
     assert all(torch.equal(a, b) for a, b in zip(in_processes, threads, strict=True))
     # The workers' file: in /dev/shm only when it has room, and gone once the batch is read.
-    assert processing._memory_dir(1 << 60) is None
+    assert image_stream._memory_dir(1 << 60) is None
     meeting = tmp_path / "meeting"
     meeting.mkdir()
-    monkeypatch.setattr(processing, "_memory_dir", lambda nbytes: str(meeting))
-    assert all(torch.equal(a, b) for a, b in zip(processor.stream(sources, processes=True), threads, strict=True))
+    monkeypatch.setattr(image_stream, "_memory_dir", lambda nbytes: str(meeting))
+    assert all(torch.equal(a, b) for a, b in zip(stream(sources, processes=True), threads, strict=True))
     assert not list(meeting.iterdir())
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ImageError, match="bad.png"):
-        list(processor.stream(sources[:2] + [tmp_path / "bad.png"], processes=True))
-    again = list(processor.stream(sources, processes=True))
+        list(stream(sources[:2] + [tmp_path / "bad.png"], processes=True))
+    again = list(stream(sources, processes=True))
     assert all(torch.equal(a, b) for a, b in zip(again, threads, strict=True))
+    stream.close()
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -183,7 +192,7 @@ def test_image_processor_from_dir_reads_hf_configs(tmp_path: Path, config_file: 
     ours = ImageProcessor.from_dir(tmp_path)
     assert (ours.size, ours.mean, ours.std, ours.resample) == (364, (0.5, 0.4, 0.3), (0.2,) * 3, 3)
     image = _rng_image(50, 70, seed=7)
-    assert torch.equal(ours(image), ref(image, return_tensors="pt")["pixel_values"])
+    assert torch.equal(_pixels(ours, image), ref(image, return_tensors="pt")["pixel_values"])
 
 
 def _opt_dir(tmp_path: Path) -> Path:
@@ -482,8 +491,8 @@ def test_batch_is_decoded_in_parallel_in_order_and_names_a_bad_image(tmp_path: P
         paths.append(tmp_path / f"{i}.png")
         _rng_image(40 + i, 50, seed=i).save(paths[-1])
     processor = ImageProcessor(size=32)
-    batch = processor(paths)
+    batch = _pixels(processor, paths)
     assert torch.equal(batch, torch.stack([processor.preprocess(load_image(p)) for p in paths]))
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ImageError, match="bad.png"):
-        processor(paths[:5] + [tmp_path / "bad.png"] + paths[5:])
+        _pixels(processor, paths[:5] + [tmp_path / "bad.png"] + paths[5:])

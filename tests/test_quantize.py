@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import blip2
-import blip2.api
-from blip2.cli import main
-from blip2.layers import PackedLinear
-from blip2.quantize import MODES, QuantizedEmbedding, QuantizedLinear, Quantization, dequantize_weight, quantize_weight, unfit
+import blip2.engine.dtypes as dtypes
+from blip2.apps.cli import main
+from blip2.quant.packed import PackedLinear
+from blip2.quant.formats import MODES, Quantization, dequantize_weight, quantize_weight, unfit
+from blip2.quant.linear import QuantizedEmbedding, QuantizedLinear
 from checkpoints import full_checkpoint, load_memory, opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 MiB = 2**20
@@ -141,7 +142,7 @@ def test_vision_encoder_can_stay_unquantized(quant_ckpt):
     model = blip2.load(path, quantize="int8", quantize_vision=False)
     assert not any(isinstance(m, QuantizedLinear) for m in model.model.vision_model.modules())
     assert any(isinstance(m, QuantizedLinear) for m in model.model.language_model.modules())
-    assert model.dtype == blip2.api.auto_dtype(torch.device("cpu"))  # quantizing defaults to dtype="auto"
+    assert model.dtype == dtypes.auto_dtype(torch.device("cpu"))  # quantizing defaults to dtype="auto"
 
 
 def test_layers_the_kernels_cannot_take_stay_float(ckpt_root):
@@ -221,11 +222,10 @@ def test_checkpoint_with_an_int4_qformer_loads_as_written(quant_ckpt, tmp_path, 
     # Checkpoints written before the Q-Former became int8 in int4 mode hold an int4 Q-Former: each
     # layer is read in the mode its stored tensors have, whatever the current choice.
     lm, path, cfg = quant_ckpt
-    import blip2.quantize as quantize
+    import blip2.quant.linear as linear
 
-    current = quantize.layer_quantization
-    monkeypatch.setattr(quantize, "layer_quantization",
-                        lambda name, q: q if name.startswith("qformer.") else current(name, q))
+    current = linear.role_quantization
+    monkeypatch.setattr(linear, "role_quantization", lambda role, q: q if role == "image-int8" else current(role, q))
     assert main(["quantize", str(path), str(tmp_path / "old"), "--int4"]) == 0
     at_load = _teacher_forced(blip2.load(path, dtype="bfloat16", quantize="int4"), lm, cfg)
     monkeypatch.undo()
@@ -284,7 +284,7 @@ def test_cli_quantize_round_trip(ckpt_root, tmp_path, capsys):
 def test_gptq_keeps_a_layers_outputs_closer_than_rounding():
     # Correlated inputs, as a layer's are: GPTQ's codes move the outputs less than rounding each
     # weight to nearest, with the same scales and zeros, and stay on the kernels' grid.
-    from blip2.gptq import gptq_weight
+    from blip2.quant.gptq import gptq_weight
 
     g = torch.Generator().manual_seed(0)
     n, k = 64, 256
@@ -351,10 +351,10 @@ def test_t5_refuses_float16_unless_forced(quant_ckpt):
 
 
 def test_auto_dtype_follows_the_hardware(monkeypatch):
-    auto = blip2.api.auto_dtype
-    monkeypatch.setattr(blip2.api, "cpu_has_native_bfloat16", lambda: True)
+    auto = dtypes.auto_dtype
+    monkeypatch.setattr(dtypes, "cpu_has_native_bfloat16", lambda: True)
     assert auto(torch.device("cpu")) == torch.bfloat16
-    monkeypatch.setattr(blip2.api, "cpu_has_native_bfloat16", lambda: False)
+    monkeypatch.setattr(dtypes, "cpu_has_native_bfloat16", lambda: False)
     assert auto(torch.device("cpu")) == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert auto(torch.device("cuda")) == torch.bfloat16
@@ -362,7 +362,7 @@ def test_auto_dtype_follows_the_hardware(monkeypatch):
     assert auto(torch.device("cuda")) == torch.float16
     assert auto(torch.device("cuda"), encoder_decoder=True) == torch.float32  # T5 never gets float16 by itself
     assert auto(torch.device("mps")) == torch.float32
-    assert blip2.api.parse_dtype("auto", "cpu") == auto(torch.device("cpu"))
+    assert dtypes.parse_dtype("auto", "cpu") == auto(torch.device("cpu"))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -387,7 +387,7 @@ def _random_checkpoint(directory, cfg: dict):
     """Random weights under our parameter names (the checkpoint's), written without transformers: quick."""
     from safetensors.torch import save_file
 
-    from blip2.model import Blip2Model
+    from blip2.models.blip2 import Blip2Model
 
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in Blip2Model(blip2.Blip2Config.from_dict(cfg)).named_parameters()
@@ -403,17 +403,17 @@ def _random_checkpoint(directory, cfg: dict):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("mode, out_features", [("int8", 96), ("int8", 100 * 16), ("int4", 192), ("int4", 200 * 16)])
 def test_many_rows_path_equals_the_kernel_row_by_row(mode, out_features, dtype, monkeypatch):
-    # From widen_from rows on, CPU products run the float GEMM on the widened weight (in blocks of
+    # From many_from rows on, CPU products run the float GEMM on the widened weight (in blocks of
     # 1024 rows here, the larger widths in several); it must agree with the kernel, which takes the same rows a
     # few at a time (int4: within the bfloat16 rounding of the dequantized weight).
-    from blip2.quantize import _WIDEN_ELEMENTS
+    from blip2.quant.linear import _WIDEN_ELEMENTS
 
     monkeypatch.setitem(_WIDEN_ELEMENTS, mode, 1024 * 2048)  # blocks of 1024 rows
     q = Quantization(mode)
     layer = QuantizedLinear(2048, out_features, True, q, dtype)  # float32: torch's kernels get bfloat16 activations
     layer.load_parameter("weight", torch.randn(out_features, 2048) * 0.02)
     layer.load_parameter("bias", torch.randn(out_features))
-    x = torch.randn(layer.widen_from + 8, 2048).to(dtype)
+    x = torch.randn(layer.many_from + 8, 2048).to(dtype)
     rowwise = torch.cat([layer(x[i:i + 4]) for i in range(0, len(x), 4)])
     assert rel_err(layer(x).float(), rowwise.float()) < 0.01
 
@@ -423,17 +423,17 @@ def test_int4_packing_writes_the_bytes_torchs_op_writes(rows, monkeypatch):
     # Our packing (and the many-rows path's dequantization) writes/reads the CPU kernel's layout by
     # hand; torch's own op is the oracle, including the last rows % 64 (AVX-512) or % 32 (AVX2) rows.
     # Both x86 layouts are known; an unknown one would be served by torch's op (the fallback below).
-    import blip2.quantize as quantize
+    import blip2.quant.layouts as layouts
 
-    assert quantize.cpu_int4_block() in (64, 32)
+    assert layouts.cpu_int4_block() in (64, 32)
     codes = torch.randint(0, 16, (rows, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(rows))
     portable = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
     theirs = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-    assert torch.equal(quantize._pack_int4(portable), theirs)
+    assert torch.equal(layouts._pack_int4(portable), theirs)
     for block in (64, 32) if rows >= 32 else ():  # the other layout differs: the check tells them apart
-        assert torch.equal(quantize._cpu_int4_layout(portable, block), theirs) == (block == quantize.cpu_int4_block())
-    monkeypatch.setattr(quantize, "cpu_int4_block", lambda: None)
-    assert torch.equal(quantize._pack_int4(portable), theirs)
+        assert torch.equal(layouts._cpu_int4_layout(portable, block), theirs) == (block == layouts.cpu_int4_block())
+    monkeypatch.setattr(layouts, "cpu_int4_block", lambda: None)
+    assert torch.equal(layouts._pack_int4(portable), theirs)
 
 
 def test_quantizing_a_pytorch_bin_checkpoint_equals_safetensors(ckpt_root):
@@ -451,7 +451,8 @@ def _fake_tiled_pack(perm: torch.Tensor):
     """A packing op laid out as torch's CUDA int4 one is (int32 [N/8, K/16t, 32, t/2], tiles of
     8 x 16t row-major, each tile's nibbles in some fixed order: slot s holds element perm[s]), for
     checking on the CPU that blip2 reads such an order off the op and unpacks by it."""
-    from blip2.quantize import _inner_k_tiles, _unpack_nibbles
+    from blip2.quant.formats import _unpack_nibbles
+    from blip2.quant.layouts import _inner_k_tiles
 
     def pack(portable: torch.Tensor) -> torch.Tensor:
         n, k = portable.shape[0], portable.shape[1] * 2
@@ -465,7 +466,8 @@ def _fake_tiled_pack(perm: torch.Tensor):
 
 @pytest.mark.parametrize("k", [256, 192, 96])  # 8, 4 and 2 k-tiles per tile
 def test_cuda_int4_layout_is_read_off_the_packing_op(k):
-    from blip2.quantize import _band_index, _dequantize_cuda_int4, _inner_k_tiles, _nibbles, _unpack_tiles
+    from blip2.quant.formats import _nibbles
+    from blip2.quant.layouts import _band_index, _dequantize_cuda_int4, _inner_k_tiles, _unpack_tiles
 
     size = 8 * 16 * _inner_k_tiles(k)
     g = torch.Generator().manual_seed(k)
@@ -493,7 +495,7 @@ def test_cuda_int4_layout_is_read_off_the_packing_op(k):
 def _block32_layer(rows: int, k: int, group_size: int, seed: int):
     """An int4 weight packed as torch's AVX2 layout lays it (blocks of 32 rows), on any x86 machine,
     its bfloat16 scales and zeros, and the float64 weight they stand for."""
-    from blip2.quantize import _cpu_int4_layout
+    from blip2.quant.layouts import _cpu_int4_layout
 
     q = Quantization("int4", group_size)
     parts = quantize_weight(torch.randn(rows, k, generator=torch.Generator().manual_seed(seed)) * 0.02, q)
@@ -504,7 +506,7 @@ def _block32_layer(rows: int, k: int, group_size: int, seed: int):
 
 
 def _own_products():
-    from blip2 import cpu_kernels
+    from blip2.quant import cpu_kernels
 
     if cpu_kernels.library() is None:
         pytest.skip("no AVX2, or no C++ compiler to build blip2's products")
@@ -548,23 +550,24 @@ def test_own_int8_product_equals_the_dequantized_weight(scale_dtype, out_feature
 def test_decoding_rows_agree_with_torchs_kernels(mode, dtype, monkeypatch):
     # On AVX2 machines decoding steps use blip2's products; they must agree with torch's kernels
     # (which take float32 activations rounded to bfloat16).
-    import blip2.quantize as quantize
-    from blip2 import cpu_kernels
+    import blip2.quant.layouts as layouts
+    from blip2.quant import cpu_kernels
 
     layer = QuantizedLinear(512, 96, True, Quantization(mode), dtype)
     layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
     layer.load_parameter("bias", torch.randn(96))
-    assert layer.own_product == (cpu_kernels.preferred() and (mode == "int8" or quantize.cpu_int4_block() == 32))
+    own = cpu_kernels.preferred() and (mode == "int8" or layouts.cpu_int4_block() == 32)
+    assert layer.few_rows == ("own_product" if own else "torch_kernel")
     x = torch.randn(3, 512).to(dtype)
     ours = layer(x)
-    monkeypatch.setattr(layer, "own_product", False)
+    monkeypatch.setattr(layer, "few_rows", "torch_kernel")
     assert rel_err(ours, layer(x)) < 0.01
 
 
 def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
     import tempfile
 
-    from blip2 import cpu_kernels
+    from blip2.quant import cpu_kernels
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
@@ -577,6 +580,6 @@ def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
         for mode in MODES:
             layer = QuantizedLinear(512, 96, False, Quantization(mode), torch.float32)
             layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
-            assert not layer.own_product and layer(torch.randn(2, 512)).shape == (2, 96)
+            assert layer.few_rows == "torch_kernel" and layer(torch.randn(2, 512)).shape == (2, 96)
     finally:
         cpu_kernels.library.cache_clear()

@@ -10,8 +10,8 @@ import pytest
 from checkpoints import VOCAB, tiny_config
 
 from blip2.config import Blip2Config, ConfigError
-from blip2.generation import GenerationConfig
-from blip2.quantize import Quantization
+from blip2.engine.generation import GenerationConfig
+from blip2.quant.formats import Quantization
 
 NAN, INF = float("nan"), float("inf")
 VOCAB_RANGE = f"[0, {VOCAB})"

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import VisionConfig
-from .layers import ACT
+from ..config import VisionConfig
+from .layers import ACT, linear_names
 
 
 class VisionEmbeddings(nn.Module):
@@ -44,12 +44,20 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    # LAVIS checkpoints store the qkv bias as q_bias and v_bias (K has none): merged on loading.
+    checkpoint_parts = ("q_bias", "v_bias")
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         # K has no bias in EVA: the stored qkv bias is cat(q_bias, zeros, v_bias).
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
         self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    @staticmethod
+    def merge_checkpoint_parts(parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        q, v = parts["q_bias"], parts["v_bias"]
+        return {"qkv.bias": torch.cat([q, torch.zeros_like(q), v])}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -96,6 +104,10 @@ class VisionModel(nn.Module):
         self.embeddings = VisionEmbeddings(cfg)
         self.encoder = VisionEncoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def quantizable(self) -> dict[str, str]:
+        """Layer name -> role (see quant.formats.ROLES): every Linear of the encoder's layers."""
+        return dict.fromkeys(linear_names(self.encoder.layers, "encoder.layers."), "image")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixel_values)

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from .config import T5Config
-from .layers import ACT, GraphedSteps, KVCache, attention, embedding, prompt_pass
+from ..config import T5Config
+from .layers import ACT, KVCache, attention, embedding, linear_names
 
 
 class T5LayerNorm(nn.Module):
@@ -175,6 +175,32 @@ class T5ForConditionalGeneration(nn.Module):
         self.decoder = T5Stack(cfg, decoder=True)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
+    # Keys a checkpoint may hold that are copies of one of our parameters, or feed none: the encoder's
+    # and decoder's embed_tokens are the shared embedding; the decoder's cross-attention never has a
+    # position bias, though some checkpoints store one.
+    checkpoint_aliases = {"encoder.embed_tokens.weight": "shared.weight", "decoder.embed_tokens.weight": "shared.weight"}
+    checkpoint_ignored = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """Original T5 ties lm_head to the embedding; Flan-T5 has its own (see load_weights)."""
+        return {"lm_head.weight": "shared.weight"} if self.config.tie_word_embeddings else {}
+
+    def quantizable(self) -> dict[str, str]:
+        """Layer name -> role (see quant.formats.ROLES): every Linear of the encoder and decoder
+        blocks; the embedding and a head of its own, whose errors go straight into the logits, in int8."""
+        roles = {**dict.fromkeys(linear_names(self.encoder.block, "encoder.block."), "text"),
+                 **dict.fromkeys(linear_names(self.decoder.block, "decoder.block."), "text"), "shared": "text-int8"}
+        if not self.config.tie_word_embeddings:
+            roles["lm_head"] = "text-int8"
+        return roles
+
+    def float16_kept_in_float32(self) -> list[str]:
+        """Parameters the reference keeps in float32 when the rest is float16: each FFN's `wo`, whose
+        outputs overflow float16."""
+        return [f"{stack}.{name}" for stack in ("encoder", "decoder") for name, _ in getattr(self, stack).named_parameters()
+                if ".DenseReluDense.wo." in f".{name}"]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.shared(input_ids)
 
@@ -235,35 +261,3 @@ class T5ForConditionalGeneration(nn.Module):
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
         cfg = self.config
         return KVCache(cfg.num_decoder_layers, batch, cfg.num_heads, max_len, cfg.d_kv, dtype, device)
-
-
-class T5Session(GraphedSteps):
-    """Incremental decoding: encode each input once, then one decoder token per row per step.
-
-    Rows are the inputs repeated `copies` times each (beams or samples). Beam reordering only
-    permutes rows of the same input, so the cross-attention keys and values never need reordering.
-    """
-
-    STATE = ("cross.k", "cross.v", "encoder_mask", "cache.k", "cache.v", "slot")
-
-    def __init__(self, lm: T5ForConditionalGeneration, embeds: torch.Tensor, attention_mask: torch.Tensor,
-                 copies: int, max_new_tokens: int):
-        self.lm = lm
-        rows = torch.arange(embeds.shape[0], device=embeds.device).repeat_interleave(copies)
-        self.cross = KVCache.of(*prompt_pass(lm, embeds, attention_mask)).select(rows)
-        self.encoder_mask = attention_mask[rows]
-        self.cache = lm.new_cache(len(rows), max_new_tokens + 1, embeds.dtype, embeds.device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=embeds.device)  # the next decoder position
-
-    def prefill(self) -> torch.Tensor:
-        start = torch.full((self.encoder_mask.shape[0],), self.lm.config.decoder_start_token_id,
-                           dtype=torch.long, device=self.encoder_mask.device)
-        return self.step(start)
-
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.decode(tokens[:, None], self.cross, self.encoder_mask, self.cache, self.slot)
-        self.slot += 1
-        return self.lm.lm_head(hidden[:, -1]).float()
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        self.cache.reorder(rows, 0, int(self.slot))

@@ -1,45 +1,34 @@
 """Calibrated quantization (GPTQ; Frantar et al., 2022) for `blip2 quantize --calibrate IMAGES`.
 
-Round-to-nearest (quantize.quantize_weight) rounds every weight on its own. GPTQ rounds a layer's
+Round-to-nearest (formats.quantize_weight) rounds every weight on its own. GPTQ rounds a layer's
 input columns one at a time, the most used first, and moves each column's rounding error onto the
 columns not yet rounded, weighted by how the layer's inputs on calibration images correlate
 (H = sum of x xᵀ), so that the layer's outputs rather than its weights stay close. The scales and
 zeros are round-to-nearest's (each group's range, fixed before rounding: "static groups"), so the
 result is the same portable form, read by every loader and kernel unchanged. The calibration inputs
 are the images with a few prompts and written captions, questions and answers, teacher-forced as a
-chat. The Q-Former, the token embedding and the head are int8 in int4 mode (quantize.layer_quantization).
+chat. The Q-Former, the token embedding and the head are int8 in int4 mode (formats.role_quantization).
 
 Against float32, on images and text the calibration never saw: int4 logits 3.8% off with GPTQ
 against 7.7% rounded to nearest on the OPT test checkpoint, 14.4% against 15.7% on Flan-T5's
 (tests/test_quantize.py); 14.8% against 33.1% on full-size random opt-2.7b weights, and int8 1.64%
-against 3.39% there (BENCHMARKS.md).
+against 3.39% there (docs/precision.md).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from . import api
-from .quantize import Quantization, _pack_nibbles, dequantize_weight, layer_quantization, quantize_weight
-from .weights import read_checkpoint
+from ..checkpoint import read_checkpoint
+from ..inputs.prompts import VQA_PROMPT
+from ..inputs.tokenizer import T5_MAX_PROMPT
+from .formats import Quantization, _pack_nibbles, dequantize_weight, quantize_weight
 
 log = logging.getLogger(__name__)
 
-PROMPTS = {"opt": ("", "a photo of", "Question: what is in the picture? Answer:"),
-           "t5": ("", "a photo of", "Question: what is in the picture? Short answer:")}
-CAPTIONS = (
-    "a man riding a wave on top of a surfboard", "two dogs playing with a frisbee in a grassy park",
-    "a plate of food with broccoli, rice and grilled chicken", "a red double decker bus driving down a city street",
-    "a woman holding an umbrella in the rain", "a cat sleeping on a laptop keyboard",
-    "a group of people standing around a kitchen table", "an airplane flying over snowy mountains at sunset",
-    "three", "yes", "blue and white", "a giraffe eating leaves from a tall tree",
-    "a bowl of fruit with bananas, apples and oranges", "a young boy swinging a baseball bat",
-    "a bathroom with a white sink and a large mirror", "a train stopped at a station platform at night",
-)
 # Added to H's diagonal, as a fraction of its mean: keeps the inverse stable, and the directions the
 # calibration inputs leave unseen rounded as to nearest. GPTQ's paper takes 0.01 with 128 sequences of
 # 2048 tokens; with 16 images, int4 test-checkpoint logits against float32 (OPT, Flan-T5): 0.01 4.5%,
@@ -51,7 +40,7 @@ HESSIAN_BYTES = 3 << 29  # inputs' second moments held at a time (1.5 GB); more 
 
 def gptq_weight(w: torch.Tensor, h: torch.Tensor, q: Quantization) -> dict[str, torch.Tensor]:
     """A float weight [N, K] and its inputs' second moments [K, K] to the portable quantized form of
-    quantize.quantize_weight, with the same scales and zeros and GPTQ's codes."""
+    formats.quantize_weight, with the same scales and zeros and GPTQ's codes."""
     parts = quantize_weight(w, q)
     n, k = w.shape
     h = h.float().clone()  # float32 factorisations: 1.7x faster than float64 for a 10240-wide fc2 on
@@ -95,19 +84,21 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, q: Quantization) -> dict[str, 
     return {"weight": _pack_nibbles(natural.to(torch.uint8)), "scales": parts["scales"], "zeros": parts["zeros"]}
 
 
-def calibrated_parts(src: Path, q: Quantization, images: Sequence, names: list[str], device: str = "cpu",
-                     prompts: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """GPTQ's portable form of every layer in `names` that takes inputs (not the token embedding),
-    from the float32 checkpoint in `src` run on `images`. The layers' input moments are gathered a
-    few layers at a time (HESSIAN_BYTES), in the order a forward calls them, each pass over the
-    calibration inputs stopping after its last layer and running through the layers already rounded,
-    so that each layer's rounding makes up for the error its inputs already carry."""
-    model = api.load(src, dtype="float32", device=device)
+def calibrated_parts(model, layers: dict[str, Quantization], images: Sequence, texts: dict
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ's portable form of every layer in `layers` (name -> its quantization) that takes inputs
+    (not the token embedding), for `model`, a float32 Blip2 as load() gives it, run on `images` with
+    `texts` ({"prompts": {"opt": [...], "t5": [...]}, "captions": [...], "questions": [...]}). The
+    float weights are read again from the model's checkpoint. The layers' input moments are gathered
+    a few layers at a time (HESSIAN_BYTES), in the order a forward calls them, each pass over the
+    calibration inputs stopping after its last layer and running through the layers already rounded
+    (the model's weights are replaced by their quantized values as it goes), so that each layer's
+    rounding makes up for the error its inputs already carry."""
     m = model.model
-    modules = {name: m.get_submodule(name) for name in names}
-    linear = [name for name in names if not isinstance(modules[name], torch.nn.Embedding)]
-    inputs = _calibration_inputs(model, images, prompts or PROMPTS[model.kind])
-    reads = {key.removesuffix(".weight"): read for key, _, read, _ in read_checkpoint(src)
+    modules = {name: m.get_submodule(name) for name in layers}
+    linear = [name for name in layers if not isinstance(modules[name], torch.nn.Embedding)]
+    inputs = _calibration_inputs(model, images, texts)
+    reads = {key.removesuffix(".weight"): read for key, _, read, _ in read_checkpoint(model.path)
              if key.removesuffix(".weight") in linear}
     order = _call_order(m, modules, inputs[0])
     linear.sort(key=order.index)
@@ -128,10 +119,9 @@ def calibrated_parts(src: Path, q: Quantization, images: Sequence, names: list[s
         moments = _moments(m, {name: modules[name] for name in batch}, inputs, queries if text_only else None)
         for name in batch:  # on the model's device: a GPU factorises far faster
             w = reads[name](torch.float32).to(model.device)
-            lq = layer_quantization(name, q)
-            parts = gptq_weight(w, moments.pop(name).to(model.device), lq)
+            parts = gptq_weight(w, moments.pop(name).to(model.device), layers[name])
             out[name] = {key: value.cpu() for key, value in parts.items()}
-            _set_weight(modules[name], dequantize_weight(parts, lq))
+            _set_weight(modules[name], dequantize_weight(parts, layers[name]))
     return out
 
 
@@ -148,15 +138,13 @@ class _Stop(Exception):
     """Raised by the last hooked layer of a pass: the rest of the forward is not needed."""
 
 
-QUESTIONS = ("what is happening here?", "how many are there?", "what color is it?", "where was this taken?",
-             "what is the person doing?", "what is in the picture?")
 # Question-and-answer turns per image, as in a chat about it. More text positions show GPTQ more
 # directions of each layer's inputs: on a narrower random opt model (1024 wide, 8 layers, 16 images),
 # int4 logits against float32 14.3% with 1 turn, 13.2% with 8 (rounded to nearest: 26.6%).
 TURNS = 4
 
 
-def _calibration_inputs(model, images: Sequence, prompts: Sequence[str]) -> list[tuple]:
+def _calibration_inputs(model, images: Sequence, texts: dict) -> list[tuple]:
     """(pixel_values, input_ids, mask, decoder_input_ids) per image: a prompt and a caption, then
     TURNS - 1 questions with answers, as the language model reads a chat: OPT's in one sequence, T5's
     history and last question in the encoder and the last answer on the decoder side. Written
@@ -165,13 +153,14 @@ def _calibration_inputs(model, images: Sequence, prompts: Sequence[str]) -> list
     inputs unseen."""
     out = []
     tok, kind = model.tokenizer, model.kind
+    prompts, captions, questions = texts["prompts"][kind], texts["captions"], texts["questions"]
     for i, image in enumerate(images):
-        chat = [(prompts[i % len(prompts)], CAPTIONS[i % len(CAPTIONS)])]
-        chat += [(api.VQA_PROMPT[kind].format(QUESTIONS[(i + t) % len(QUESTIONS)]), CAPTIONS[(i + 5 * t) % len(CAPTIONS)])
+        chat = [(prompts[i % len(prompts)], captions[i % len(captions)])]
+        chat += [(VQA_PROMPT[kind].format(questions[(i + t) % len(questions)]), captions[(i + 5 * t) % len(captions)])
                  for t in range(1, TURNS)]
         if model.config.is_encoder_decoder:
             history = " ".join([*(f"{q} {a}".strip() for q, a in chat[:-1]), chat[-1][0]]).strip()
-            tokens = _fit(tok, history, api.T5_MAX_PROMPT)
+            tokens = _fit(tok, history, T5_MAX_PROMPT)
             start = model.config.text.decoder_start_token_id
             dec = torch.tensor([[start, *tok.encode(chat[-1][1])]])
         else:
@@ -241,9 +230,5 @@ def _moments(m, modules: dict, inputs: list[tuple], queries: list | None) -> dic
 def _forward(m, sample: tuple, queries: torch.Tensor | None = None) -> None:
     px, ids, mask, dec = sample
     device = m.language_projection.weight.device
-    if queries is not None:
-        m.encode_images = lambda pixel_values: queries
-    try:
-        m(px.to(device), ids.to(device), mask.to(device), None if dec is None else dec.to(device))
-    finally:
-        m.__dict__.pop("encode_images", None)
+    m(None if queries is not None else px.to(device), ids.to(device), mask.to(device),
+      None if dec is None else dec.to(device), queries=queries)

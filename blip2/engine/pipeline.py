@@ -1,121 +1,34 @@
-"""The user-facing object: `blip2.load(...)` returns a `Blip2`."""
+"""The object users hold: `blip2.load(...)` returns a `Blip2`, which captions, answers and chats."""
 
 from __future__ import annotations
 
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .config import Blip2Config
+
+from ..checkpoint import check_ties, load_weights, unfragmented_heap
+from ..config import Blip2Config
+from ..hub import DEFAULT_MODEL, resolve
+from ..inputs.image_stream import ImageStream, prepared
+from ..inputs.images import ImageError, ImageProcessor, ImageSource
+from ..inputs.prompts import CAPTION, CHAT, VQA, VQA_PROMPT, check_prompts, render_chat
+from ..inputs.tokenizer import T5_MAX_PROMPT, PromptTokenizer
+from ..models.blip2 import Blip2Model
+from ..quant.checkpoint import stored_layer_modes, stored_quantization
+from ..quant.formats import Quantization
+from ..quant.linear import quantize_linears
+from ..quant.packed import PACK_FOR_ROWS, Packer, can_pack, pack_linears
+from .cuda_graphs import CudaGraphs
+from .dtypes import T5_FLOAT16, dtype_plan, parse_device, parse_dtype, quantized_plan
 from .generation import GenerationConfig
-from .hub import DEFAULT_MODEL, resolve
-from .layers import PACK_FOR_ROWS, GraphedCalls, can_pack, pack_linears
-from .model import Blip2Model
-from .processing import ImageError, ImageProcessor, ImageSource, PromptTokenizer
-from .quantize import Quantization, quantize_linears, stored_layer_modes, stored_quantization
-from .weights import load_weights, resolve_ties
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def parse_dtype(dtype: str | torch.dtype | None, device: torch.device | str = "cpu",
-                encoder_decoder: bool = False) -> torch.dtype:
-    """A dtype name or torch.dtype to a torch.dtype; None is float32, "auto" is `auto_dtype(device)`."""
-    if dtype is None:
-        return torch.float32
-    if dtype == "auto":
-        return auto_dtype(torch.device(device), encoder_decoder)
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype} (use float32, bfloat16, float16 or auto)")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r} (use float32, bfloat16, float16 or auto)")
-    return DTYPES[dtype]
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """A device name to a torch.device this process can use (None: the CPU); an error saying why not."""
-    try:
-        device = torch.device(device or "cpu")
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r} (use cpu, cuda, cuda:1, mps, ...)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device {str(device)!r} is not available: {why}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r} is not available: {torch.cuda.device_count()} CUDA GPU(s) visible")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {str(device)!r} (use cpu, cuda or mps)")
-    return device
-
-
-def auto_dtype(device: torch.device, encoder_decoder: bool = False) -> torch.dtype:
-    """bfloat16 where the hardware computes it natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs from
-    Ampere on), float16 on other CUDA GPUs (float32 for T5, which overflows in float16), else float32:
-    emulated bfloat16 is slower than float32."""
-    if device.type == "cuda":
-        try:
-            native = torch.cuda.is_bf16_supported(including_emulation=False)
-        except TypeError:  # torch < 2.3
-            native = torch.cuda.is_bf16_supported()
-        if native:
-            return torch.bfloat16
-        return torch.float32 if encoder_decoder else torch.float16
-    if device.type == "cpu" and cpu_has_native_bfloat16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def cpu_has_native_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 arithmetic instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16)."""
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # torch's own checks, where present
-        check = getattr(torch.cpu, probe, None)
-        if check is not None and check():
-            return True
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": the Arm Features line
-
-
-T5_FLOAT16 = ("Flan-T5 overflows in float16 (it generates \"ssss\" or NaN, in the reference too): use "
-              "dtype=\"bfloat16\" or \"auto\", or force float16 with force_float16=True (CLI: --force-float16), "
-              "which keeps the reference's guards (T5's wo in float32, clamped activations)")
-
-
-def _dtype_plan(cfg: Blip2Config, dtype: torch.dtype):
-    """Each parameter's dtype: the requested one, except what the reference keeps in float32 under float16."""
-
-    def dtype_of(name: str) -> torch.dtype:
-        if dtype == torch.float16:
-            if name == "query_tokens" or name.startswith("qformer."):
-                return torch.float32
-            if cfg.is_encoder_decoder and ".DenseReluDense.wo." in name:
-                return torch.float32
-        return dtype
-
-    return dtype_of
-
-
-def _quantized_plan(model: Blip2Model, names: list[str], dtype_of):
-    """dtype_of, except that quantized layers read their weights as they declare them: float32 (to be
-    quantized on arrival) or the stored integer form, with float32 scales."""
-    declared = {f"{name}.{attr}": p.dtype for name in names
-                for attr, p in model.get_submodule(name).named_parameters() if attr != "bias"}
-    return lambda name: declared.get(name) or dtype_of(name)
-
+from .sessions import generate
 
 # Images through the vision encoder at once: on a par with one at a time on a 2-core CPU (measured);
 # on a GPU enough rows (32 x 257) to fill it, while the next images are being prepared.
@@ -123,13 +36,6 @@ ENCODE_BATCH = 8
 GPU_ENCODE_BATCH = 32
 QUERY_CACHE = 64  # images whose query embeddings are kept
 
-
-CAPTION = GenerationConfig(num_beams=5, max_new_tokens=30)
-VQA = GenerationConfig(num_beams=5, max_new_tokens=10, length_penalty=-1.0)
-CHAT = GenerationConfig(num_beams=5, max_new_tokens=30)
-VQA_PROMPT = {"opt": "Question: {} Answer:", "t5": "Question: {} Short answer:"}
-# T5 has relative positions and no hard limit; the released tokenizer's model_max_length is 512.
-T5_MAX_PROMPT = 512
 # T5 has no position limit for what it generates either; its decoding cache is allocated for the whole
 # answer up front (24 layers x 2 x 2048 x 2 bytes per token and beam at full size in bfloat16), so bound it.
 T5_MAX_NEW_TOKENS = 2048
@@ -146,7 +52,9 @@ class Result:
 
 
 class Blip2:
-    """A loaded BLIP-2 checkpoint: the model plus its image processor and tokenizer."""
+    """A loaded BLIP-2 checkpoint: the model plus its image processor and tokenizer, and what it owns
+    while it serves: the image workers, the query embeddings of recent images, and on a GPU its CUDA
+    graphs. `close()` (or a `with` block) ends the workers and drops the graphs."""
 
     def __init__(self, model: Blip2Model, path: Path, load_seconds: float,
                  quantization: Quantization | None = None):
@@ -164,7 +72,20 @@ class Blip2:
         except FileNotFoundError as e:  # weights alone still serve forward() and encode_images()
             self._tokenizer, self._no_tokenizer = None, e
         self._queries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
-        self._graphed_encoder = GraphedCalls(model.encode_images)
+        self.images = ImageStream(self.image_processor)
+        self.graphs = CudaGraphs(model.encode_images, model.language_model.prompt)
+
+    def close(self) -> None:
+        """End the image workers and drop the CUDA graphs and cached queries (the model stays usable)."""
+        self.images.close()
+        self.graphs.close()
+        self._queries.clear()
+
+    def __enter__(self) -> Blip2:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def tokenizer(self) -> PromptTokenizer:
@@ -200,7 +121,7 @@ class Blip2:
             padded = 1 << (n - 1).bit_length()
             if padded > n:
                 chunk = torch.cat([chunk, chunk.new_zeros(padded - n, *chunk.shape[1:])])
-            out.append(self._graphed_encoder(chunk)[:n])
+            out.append(self.graphs.encoder(chunk)[:n])
         return torch.cat(out)
 
     @torch.inference_mode()
@@ -214,13 +135,13 @@ class Blip2:
 
     def pixel_values(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
         """Images (paths, URLs, bytes, PIL images, arrays) to the checkpoint's normalised [B, 3, S, S]."""
-        return self.image_processor(images)
+        return prepared(self.image_processor, [images] if _is_single(images) else list(images))
 
     def image_queries(self, pixel_values: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
         """encode_images with a small cache, so questions and chat turns about one image encode it once.
 
         pixel_values: [B, 3, S, S] normalised, or rows one by one, normalised or resized uint8 ones
-        (ImageProcessor.stream; normalised where the model runs). Images not in the cache are
+        (an ImageStream's; normalised where the model runs). Images not in the cache are
         encoded together as soon as a chunk of them is ready (ENCODE_BATCH on a CPU,
         GPU_ENCODE_BATCH on a GPU), so on a GPU encoding overlaps the preparation of the next images.
         """
@@ -233,7 +154,7 @@ class Blip2:
             # Gathered by numpy on this thread, on a GPU into pinned memory (so that the copy does not
             # wait for the last chunk's encoding): torch's CPU copies run on its thread pool, whose
             # threads wait for cores that the image workers hold (on the H100 host the first chunk's
-            # encoding started 0.2 s after its images were ready; BENCHMARKS.md, GPU run 5).
+            # encoding started 0.2 s after its images were ready; docs/log.md).
             rows = list(waiting.values())
             pixels = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype,
                                  pin_memory=self.device.type == "cuda")
@@ -298,8 +219,8 @@ class Blip2:
         """Captions (the prompt, e.g. "a photo of", is not repeated in the output). Defaults: beam
         search with 5 beams, up to 30 new tokens. A single image gives a single string. errors: as
         in `generate`."""
-        _check_prompt(prompt, "prompt")
-        results = self._run(images, prompt, GenerationConfig.make(CAPTION, **generation), errors)
+        check_prompts(prompt, "prompt")
+        results = self._run(images, prompt, GenerationConfig.make(GenerationConfig(**CAPTION), **generation), errors)
         return _texts(results, single=_is_single(images))
 
     def ask(self, images: ImageSource | Sequence[ImageSource], questions: str | Sequence[str],
@@ -308,9 +229,9 @@ class Blip2:
         answer:" for Flan-T5). Defaults: 5 beams, up to 10 new tokens, length penalty -1. errors: as
         in `generate`."""
         single = isinstance(questions, str) and _is_single(images)
-        questions = _check_prompt(questions, "questions")
+        questions = check_prompts(questions, "questions")
         prompts = [VQA_PROMPT[self.kind].format(q.strip()) for q in questions]
-        results = self._run(images, prompts, GenerationConfig.make(VQA, **generation), errors)
+        results = self._run(images, prompts, GenerationConfig.make(GenerationConfig(**VQA), **generation), errors)
         return _texts(results, single=single)
 
     def chat(self, image: ImageSource, messages: Sequence[dict], **generation) -> str:
@@ -319,14 +240,14 @@ class Blip2:
         do. Defaults: 5 beams, up to 30 new tokens."""
         if not _is_single(image):
             raise ValueError(f"chat is about one image, got {len(image)} (ask() takes several)")
-        results = self._run(image, render_chat(messages), GenerationConfig.make(CHAT, **generation))
+        results = self._run(image, render_chat(messages), GenerationConfig.make(GenerationConfig(**CHAT), **generation))
         return _texts(results, single=True)
 
     def _run(self, images, prompts, gen: GenerationConfig, errors: str = "raise"):
         if errors not in ("raise", "return"):
             raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         images = [images] if _is_single(images) else list(images)
-        prompts = _check_prompt(prompts, "prompts")
+        prompts = check_prompts(prompts, "prompts")
         if not images:
             raise ValueError("no images given")
         if len(images) != len(prompts) and 1 not in (len(images), len(prompts)):
@@ -337,7 +258,7 @@ class Blip2:
         failed: dict[int, ImageError] = {}
 
         def readable():
-            rows = self.image_processor.stream(images, processes=self.device.type == "cuda", errors=errors)
+            rows = self.images(images, processes=self.device.type == "cuda", errors=errors)
             for i, row in enumerate(rows):
                 if isinstance(row, ImageError):
                     failed[i] = row
@@ -356,56 +277,11 @@ class Blip2:
         ids, mask = tokens.input_ids, tokens.attention_mask
         if len(ids) == 1:
             ids, mask = ids.expand(len(keep), -1), mask.expand(len(keep), -1)
-        seqs = self.model.generate(queries, ids.to(self.device), mask.to(self.device), gen)
+        seqs = generate(self.model, queries, ids.to(self.device), mask.to(self.device), gen, self.graphs)
         out = [[Result(self.tokenizer.decode(s.token_ids).strip(), s.token_ids, s.score) for s in row]
                for row in seqs]
         answers = dict(zip(keep, (row[0] for row in out) if gen.num_return_sequences == 1 else out))
         return [answers[i] if i in answers else failed[i] for i in range(n)]
-
-
-def render_chat(messages: Sequence[dict]) -> str:
-    """Messages to BLIP-2's prompt: "Question: {user} Answer: {assistant} ... Question: {user} Answer:"."""
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {_short(messages)} "
-                         "(for a single question, use ask())")
-    if not messages:
-        raise ValueError("chat needs at least one message")
-    parts = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {_short(m)}")
-        role, content = m.get("role"), m.get("content", "")
-        if isinstance(content, list):  # OpenAI-style content parts: keep the text ones
-            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
-                raise ValueError(f"messages[{i}].content parts must be dicts like {{'type': 'text', 'text': ...}}")
-            content = " ".join(p.get("text", "") for p in content if p.get("type") == "text")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string or a list of parts, got {_short(content)}")
-        content = content.strip()
-        if role == "user":
-            parts.append(f"Question: {content}")
-        elif role == "assistant":
-            parts.append(f"Answer: {content}")
-        elif role == "system":
-            parts.append(content)
-        else:
-            raise ValueError(f"unknown chat role {role!r} in messages[{i}] (use user, assistant or system)")
-    if messages[-1].get("role") != "user":
-        raise ValueError("the last chat message must be the user's")
-    return " ".join(p for p in parts if p) + " Answer:"
-
-
-def _check_prompt(prompts, what: str) -> list[str]:
-    """One prompt or a list of them, each a string, as a list."""
-    items = [prompts] if isinstance(prompts, str) else prompts
-    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, str) for p in items):
-        raise ValueError(f"{what} must be a string or a non-empty list of strings, got {_short(prompts)}")
-    return list(items)
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _is_single(images) -> bool:
@@ -422,7 +298,7 @@ def _texts(results, single: bool):
 
 def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: str | None = None, quantize_vision: bool = True,
-         force_float16: bool = False) -> Blip2:
+         force_float16: bool = False, trainable: Callable[[str], bool] | None = None) -> Blip2:
     """Load a BLIP-2 checkpoint in the Hugging Face layout: a local directory or a hub id
     (downloaded once into the Hugging Face cache, only the files needed).
 
@@ -432,11 +308,12 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     quantize: "int8" or "int4" weight-only quantization of the language model's layers and, unless
     quantize_vision=False, the vision encoder's; a checkpoint written by `blip2 quantize` loads
     quantized as it was written. Each weight is read once and stored directly in its final form.
+    trainable(name): the parameters to leave trainable (requires_grad, in memory of their own); the
+    model's forward then works under autograd (weights are not packed for oneDNN).
     """
     start = time.perf_counter()
     directory = resolve(path)
     cfg = Blip2Config.from_file(directory)
-    resolve_ties(directory, cfg)
     stored = stored_quantization(directory)
     if stored is not None and quantize not in (None, stored.mode):
         raise ValueError(f"{directory} is quantized to {stored.mode}; it cannot be loaded as {quantize} "
@@ -446,23 +323,32 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     dtype = parse_dtype("auto" if dtype is None and quantization else dtype, device, cfg.is_encoder_decoder)
     if dtype == torch.float16 and cfg.is_encoder_decoder and not force_float16:
         raise ValueError(T5_FLOAT16)
-    dtype_of = _dtype_plan(cfg, dtype)
     with torch.device("meta"):
         model = Blip2Model(cfg)
+    check_ties(model, directory)
+    dtype_of = dtype_plan(model, dtype)
+    packer = Packer()
+    with torch.device("meta"):
         if quantization is not None:
-            names = quantize_linears(model, quantization, dtype_of,
-                                     None if stored is None else stored_layer_modes(directory))
-            dtype_of = _quantized_plan(model, names, dtype_of)
-        if can_pack(dtype, device):
+            layers = quantize_linears(model, quantization, dtype_of,
+                                      None if stored is None else stored_layer_modes(directory))
+            dtype_of = quantized_plan(model, layers, dtype_of)
+        if can_pack(dtype, device) and trainable is None:
             # Packing pays where the weights are read once per row (decoding), and in the vision
             # encoder, where the plain product first copies the bias into every output row (one
-            # image 11-17% faster, scripts/cpu_ab.py). A head tied to the embedding stays plain: the
-            # embedding reads the same tensor. A float32 language model is packed for one row, which
-            # decodes fastest (see PACK_FOR_ROWS).
-            tied = cfg.text.tie_word_embeddings
-            pack_linears(model.language_model, lambda name: not (tied and name == "lm_head") and dtype_of(
-                f"language_model.{name}.weight") == dtype, 1 if dtype == torch.float32 else PACK_FOR_ROWS)
-            pack_linears(model.vision_model, lambda name: dtype_of(f"vision_model.{name}.weight") == dtype)
-    load_weights(model, directory, dtype_of, device)
+            # image 11-17% faster, scripts/cpu_ab.py). A weight tied to another stays plain: that
+            # one's module reads the same tensor. A float32 language model is packed for one row,
+            # which decodes fastest (see PACK_FOR_ROWS).
+            tied = {name.removesuffix(".weight") for name in model.tied_weights}
+            plain = lambda prefix: lambda name: f"{prefix}{name}" not in tied and dtype_of(  # noqa: E731
+                f"{prefix}{name}.weight") == dtype
+            pack_linears(model.language_model, plain("language_model."), packer,
+                         1 if dtype == torch.float32 else PACK_FOR_ROWS)
+            pack_linears(model.vision_model, plain("vision_model."), packer)
+    try:
+        with unfragmented_heap():
+            load_weights(model, directory, dtype_of, device, trainable)
+    finally:
+        packer.close()
     model.eval()
     return Blip2(model, directory, time.perf_counter() - start, quantization)

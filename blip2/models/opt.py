@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import OPTConfig
-from .layers import ACT, GraphedSteps, KVCache, attention, embedding, prompt_pass
+from ..config import OPTConfig
+from .layers import ACT, KVCache, attention, embedding, linear_names
 
 # OPT's learned position table has two extra rows in front (a fairseq legacy); position p reads row p + 2.
 POSITION_OFFSET = 2
@@ -87,6 +87,20 @@ class OPTForCausalLM(nn.Module):
         self.model = OPTModel(cfg)
         self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
 
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """lm_head shares the token embedding (OPT's usual tie; see load_weights)."""
+        return {"lm_head.weight": "model.decoder.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
+    def quantizable(self) -> dict[str, str]:
+        """Layer name -> role (see quant.formats.ROLES): every Linear of the decoder layers; the token
+        embedding and a head of its own, whose errors go straight into the logits, in int8."""
+        roles = dict.fromkeys(linear_names(self.model.decoder.layers, "model.decoder.layers."), "text")
+        roles["model.decoder.embed_tokens"] = "text-int8"
+        if not self.config.tie_word_embeddings:
+            roles["lm_head"] = "text-int8"
+        return roles
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.decoder.embed_tokens(input_ids)
 
@@ -134,55 +148,3 @@ def causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions as the reference derives them: cumulative count of real tokens, -1 on padding."""
     return (attention_mask.long().cumsum(1) * attention_mask.long() - 1)
-
-
-class OPTSession(GraphedSteps):
-    """Incremental decoding of a batch: prefill once per input, then one token per row per step.
-
-    Rows are the inputs repeated `copies` times each (beams or samples), sharing the prefill.
-    """
-
-    STATE = ("cache.k", "cache.v", "valid", "next_pos", "slot")
-
-    def __init__(self, lm: OPTForCausalLM, embeds: torch.Tensor, attention_mask: torch.Tensor, copies: int,
-                 max_new_tokens: int):
-        self.lm, self.embeds, self.mask, self.copies = lm, embeds, attention_mask, copies
-        b, n, _ = embeds.shape
-        max_len = n + max_new_tokens
-        if max_len > lm.config.max_position_embeddings:
-            raise ValueError(f"{n} input positions + {max_new_tokens} new tokens exceed the model's "
-                             f"{lm.config.max_position_embeddings} positions")
-        self.cache: KVCache | None = None  # the prefill's
-        self.valid = torch.zeros(b, max_len, dtype=torch.bool, device=embeds.device)
-        self.valid[:, :n] = attention_mask.bool()
-        self.next_pos = attention_mask.long().sum(1)  # positions count real tokens only
-        self.slot = torch.full((1,), n, dtype=torch.long, device=embeds.device)  # the next cache slot
-        self.prompt_slots = n
-
-    def prefill(self) -> torch.Tensor:
-        """Logits [rows, vocab] (float32) for the token after each input."""
-        n = self.embeds.shape[1]
-        slots = torch.arange(n, device=self.embeds.device)
-        keys = torch.arange(self.valid.shape[1], device=self.embeds.device)
-        mask = ((keys[None, :] <= slots[:, None])[None] & self.valid[:, None, :])[:, None]
-        logits, k, v = prompt_pass(self.lm, self.embeds, positions_from_mask(self.mask), mask)
-        self.cache = KVCache.of(k, v)
-        if self.copies > 1:
-            rows = torch.arange(self.embeds.shape[0], device=self.embeds.device).repeat_interleave(self.copies)
-            self.cache = self.cache.select(rows)
-            self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
-        self.embeds = self.mask = None
-        return logits.repeat_interleave(self.copies, 0)
-
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.valid.index_fill_(1, self.slot, True)
-        hidden = self.lm(self.lm.embed(tokens)[:, None], self.next_pos[:, None], self.valid[:, None, None, :],
-                         self.cache, self.slot)
-        self.next_pos += 1
-        self.slot += 1
-        return self.lm.lm_head(hidden[:, -1]).float()
-
-    def reorder(self, rows: torch.Tensor) -> None:
-        # Beams only take rows of their own input, whose prompt cache and `valid` rows are the same.
-        self.cache.reorder(rows, self.prompt_slots, int(self.slot))
-

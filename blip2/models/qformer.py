@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import QFormerConfig
-from .layers import ACT
+from ..config import QFormerConfig
+from .layers import ACT, linear_names
 
 
 class MultiHeadAttention(nn.Module):
@@ -94,6 +94,11 @@ class QFormer(nn.Module):
         super().__init__()
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.encoder = QFormerEncoder(cfg)
+
+    def quantizable(self) -> dict[str, str]:
+        """Layer name -> role (see quant.formats.ROLES): every Linear of its layers, in int8: the 32
+        queries are all the language model sees of the image."""
+        return dict.fromkeys(linear_names(self.encoder.layer, "encoder.layer."), "image-int8")
 
     def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = self.layernorm(queries)

@@ -12,92 +12,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
-import json
 import logging
 import os
-import stat
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from .generation import GenerationConfig
-from .hub import DEFAULT_MODEL
-from .processing import ImageWarning
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".ppm"}
-
+from ..engine.dtypes import parse_device
+from ..engine.generation import GenerationConfig
+from ..engine.pipeline import load
+from ..hub import DEFAULT_MODEL, resolve
+from ..inputs.images import ImageWarning, load_image
+from ..quant.formats import GROUP_SIZE, Quantization
+from ..quant.linear import QuantizedLinear
+from .caption_job import caption_files, expand_images
+from .chat import chat_loop
+from .quantize_job import quantize_checkpoint
 
 def _err(message: str) -> None:
     print(f"blip2: error: {message}", file=sys.stderr, flush=True)
-
-
-def expand_images(args: list[str]) -> tuple[list[str], list[str]]:
-    """Files, directories (their image files, sorted) and glob patterns to a list of inputs, each file
-    once; also the errors for arguments that name nothing. `**` matches directories at any depth
-    without following links to directories, so a link to a parent cannot make the walk endless."""
-    found: dict[str, None] = {}  # insertion-ordered, for duplicates
-    seen: set[str] = set()  # real paths of the files found
-    errors = []
-
-    def add(path: str) -> None:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            found[path] = None
-
-    for arg in args:
-        if arg.startswith(("http://", "https://")):
-            found[arg] = None
-        elif Path(arg).is_dir():
-            files = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            for f in files:
-                add(f)
-            if not files:
-                errors.append(f"{arg}: directory has no image files")
-        elif glob.has_magic(arg) and not Path(arg).exists():
-            matches = _glob(arg)
-            for f in matches:
-                add(f)
-            if not matches:
-                errors.append(f"{arg}: no file matches")
-        else:
-            add(arg)  # a missing file is reported by the image loader, per image
-    return list(found), errors
-
-
-def _glob(pattern: str) -> list[str]:
-    """The files matching `pattern`, sorted; pathlib's `**` does not follow links to directories."""
-    parts = Path(pattern).parts
-    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
-    root = Path(*parts[:fixed]) if fixed else Path(".")
-    rest = str(Path(*parts[fixed:]))
-    hidden = any(part.startswith(".") for part in parts[fixed:])  # as glob: hidden names only when asked for
-    matches = (p for p in root.glob(rest)
-               if p.is_file() and (hidden or not any(q.startswith(".") for q in p.relative_to(root).parts)))
-    return sorted(str(p) for p in matches)
-
-
-class Progress:
-    """A one-line progress bar on stderr, shown only when stderr is a terminal or many items are queued."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.start = total, 0, time.perf_counter()
-        self.show = total > 1 and sys.stderr.isatty()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.show:
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            width = 30
-            filled = int(width * self.done / self.total)
-            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:.2f} images/s",
-                  end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.show:
-            print(file=sys.stderr)
 
 
 def _generation(args: argparse.Namespace) -> dict:
@@ -112,10 +46,8 @@ def _generation(args: argparse.Namespace) -> dict:
 
 
 def _load(args: argparse.Namespace):
-    import blip2
-
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model = blip2.load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+    model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
                        quantize_vision=not args.no_quantize_vision, force_float16=args.force_float16)
     q = f", {model.quantization.mode}" if model.quantization else ""
     print(f"loaded in {model.load_seconds:.1f} s ({model.dtype}{q}, {model.device})", file=sys.stderr, flush=True)
@@ -131,84 +63,24 @@ def _caption(args: argparse.Namespace) -> int:
         return 1
     settings = _generation(args)
     model = _load(args)
-    out = Records(sys.stdout)
     captioned, failed = 0, len(errors)
-    progress = Progress(len(paths))
     try:
-        for start in range(0, len(paths), args.batch_size):
-            # Paths go to the model as they are: each is decoded and resized on a worker as its turn
-            # comes, so memory holds one full-size image per worker, whatever the batch size.
-            batch = paths[start:start + args.batch_size]
-            t = time.perf_counter()
-            captions = model.caption(batch, args.prompt, errors="return", **settings)
-            seconds = (time.perf_counter() - t) / len(batch)
-            for name, caption in zip(batch, captions):
-                if isinstance(caption, Exception):
-                    failed += 1
-                    if args.json:
-                        out.write(json.dumps({"path": name, "error": str(caption)}))
-                    else:
-                        _err(str(caption))
-                    continue
-                captioned += 1
-                if args.json:
-                    out.write(json.dumps({"path": name, "caption": caption, "seconds": round(seconds, 3)}))
-                else:
-                    out.write(f"{_escaped(name)}\t{_escaped(caption)}" if len(paths) > 1 else caption)
-            progress.update(len(batch))
+        done, bad = caption_files(model, paths, args.prompt, settings, batch_size=args.batch_size, as_json=args.json,
+                                  report=_err)
+        captioned, failed = captioned + done, failed + bad
     finally:
-        progress.close()
         if len(paths) > 1 or failed:
             print(f"blip2: {captioned} captioned, {failed} failed", file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
-def _escaped(name: str) -> str:
-    """A file name (or caption) for a line of tab-separated output: backslash, tab, newline and
-    carriage return escaped, so that no name can add a column or a line."""
-    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-
-
-class OutputError(OSError):
-    """The results could not be written (disk full, file too large, ...)."""
-
-
-class Records:
-    """Whole lines to a stream: a line that cannot be written entirely (a full disk) is taken back
-    where the stream is a file, so the output ends with the last complete record."""
-
-    def __init__(self, stream):
-        self.stream, self.written = stream, 0
-        try:
-            self.fd = stream.fileno()
-            self.start = os.lseek(self.fd, 0, os.SEEK_CUR) if stat.S_ISREG(os.fstat(self.fd).st_mode) else None
-        except (AttributeError, OSError, ValueError):  # not a real file (a test's capture, a StringIO)
-            self.fd = self.start = None
-
-    def write(self, line: str) -> None:
-        if self.fd is None:
-            print(line, file=self.stream, flush=True)
-            self.written += 1
-            return
-        data = (line + "\n").encode("utf-8", "surrogateescape")  # file names as the system gave them
-        self.stream.flush()
-        at = os.lseek(self.fd, 0, os.SEEK_END) if self.start is not None else None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            if at is not None:
-                os.ftruncate(self.fd, at)
-            raise OutputError(f"cannot write the output after {self.written} records: {e.strerror or e}") from None
-        self.written += 1
+def _chat(args: argparse.Namespace) -> int:
+    image = load_image(args.image)
+    settings = _generation(args)
+    return chat_loop(_load(args), image, settings)
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from .processing import load_image
-
     image = load_image(args.image)  # a bad image, path or setting fails before the model is loaded
     settings = _generation(args)
     model = _load(args)
@@ -216,65 +88,7 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _chat(args: argparse.Namespace) -> int:
-    from .processing import ImageError, load_image
-
-    image = load_image(args.image)
-    settings = _generation(args)
-    model = _load(args)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        print("Ask about the image. /reset clears the conversation, /image PATH changes the image, "
-              "Ctrl-D leaves.", file=sys.stderr)
-    messages: list[dict] = []
-    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes spoil their own line, not the stream
-        sys.stdin.reconfigure(errors="surrogateescape")
-    while True:
-        try:
-            line = input("you> " if interactive else "").strip()
-        except EOFError:
-            if interactive:
-                print(file=sys.stderr)
-            return 0
-        if not line:
-            continue
-        if not _is_utf8(line):
-            _err("that line is not valid UTF-8 text; the conversation goes on without it")
-            continue
-        if line == "/reset":
-            messages = []
-            print("(conversation cleared)", file=sys.stderr)
-            continue
-        if line.startswith("/image"):
-            try:
-                image = load_image(line[len("/image"):].strip())
-                messages = []
-                print("(new image; conversation cleared)", file=sys.stderr)
-            except ImageError as e:
-                _err(str(e))
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            reply = model.chat(image, messages, **settings)
-        except (ValueError, RuntimeError) as e:  # a bad turn (its text, its length) is that turn's error
-            _err(str(e))
-            messages.pop()
-            continue
-        messages.append({"role": "assistant", "content": reply})
-        print(f"blip2> {reply}" if interactive else reply, flush=True)
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 def _info(args: argparse.Namespace) -> int:
-    from .quantize import QuantizedLinear
-
     model = _load(args)
     cfg = model.config
     params = {id(p): p.numel() for p in model.model.parameters()}
@@ -304,11 +118,6 @@ class _Stderr(logging.Handler):
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .hub import resolve
-    from .quantize import GROUP_SIZE, Quantization, write_quantized
-
-    from .api import parse_device
-
     q = Quantization(args.mode, GROUP_SIZE if args.group_size is None else args.group_size, vision=not args.no_vision)
     if args.calibrate:
         parse_device(args.device)
@@ -317,14 +126,14 @@ def _quantize(args: argparse.Namespace) -> int:
         _err(error)
     if errors:
         return 2
-    progress = logging.getLogger("blip2.gptq")  # the calibration passes, on stderr
+    progress = logging.getLogger("blip2.quant.gptq")  # the calibration passes, on stderr
     if images and not progress.handlers:
         progress.addHandler(_Stderr())
         progress.setLevel(logging.INFO)
     start = time.perf_counter()
     how = f"GPTQ on {len(images)} image{'s' * (len(images) != 1)}" if images else "rounded to nearest"
     print(f"quantizing {args.src} to {args.mode} ({how}) ...", file=sys.stderr, flush=True)
-    shards = write_quantized(resolve(args.src), Path(args.dst), q, images, args.device)
+    shards = quantize_checkpoint(resolve(args.src), Path(args.dst), q, images, args.device)
     size = sum(p.stat().st_size for p in shards) / 1e9
     print(f"wrote {args.dst} ({len(shards)} shards, {size:.2f} GB) in {time.perf_counter() - start:.1f} s",
           file=sys.stderr, flush=True)
@@ -402,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench(argv[1:], prog="blip2 bench")
     args = build_parser().parse_args(argv)
+    # Large CPU tensors (the weights) on transparent huge pages: torch then asks the kernel for 2 MB
+    # pages for allocations of 2 MB and more, so loading faults in 512 times fewer pages (1-2 s of a
+    # 9 s bfloat16 load, the same resident memory; docs/loading.md). Read by torch at its first large
+    # allocation; THP_MEM_ALLOC_ENABLE=0 opts out.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     warnings.simplefilter("always", ImageWarning)  # one line for each image, not only the first
     with _warnings_as_lines():
         try:

@@ -5,8 +5,9 @@ never held twice (a float32 checkpoint loaded as bfloat16 never exists in float3
 A safetensors tensor already in the dtype the model wants, for a CPU model, is not copied: the
 parameter is a private (copy-on-write) memory map of its bytes, as `transformers` does: its pages are
 read on first use and share the page cache instead of doubling it (a module that packs what it loads,
-like layers.PackedLinear, makes its own copy from the map). Tensors that are converted are read
-through a private map of just their bytes, dropped once converted.
+like quant.packed.PackedLinear, makes its own copy from the map). Tensors that are converted are read
+through a private map of just their bytes, dropped once converted. This file knows no model's keys:
+what a model ties, aliases or merges, it declares itself (see load_weights).
 """
 
 from __future__ import annotations
@@ -203,58 +204,38 @@ def read_checkpoint(directory: Path) -> Iterator[tuple[str, tuple, Callable, Pat
             yield key, shape, read, path
 
 
-def _set(module: nn.Module, attr: str, value: torch.Tensor | Rows) -> None:
-    if hasattr(module, "load_parameter"):  # modules that store what they load differently (packed weights)
-        module.load_parameter(attr, value)
-    else:
-        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
-
-
-# Keys a checkpoint may carry that duplicate or do not feed a parameter of ours.
-_ALIASES = {  # tied copies of the T5 embedding
-    "language_model.encoder.embed_tokens.weight": "language_model.shared.weight",
-    "language_model.decoder.embed_tokens.weight": "language_model.shared.weight",
-}
-_HEAD = "language_model.lm_head.weight"
-
-
-def _embedding_key(cfg) -> str:
-    return "language_model.shared.weight" if cfg.is_encoder_decoder else "language_model.model.decoder.embed_tokens.weight"
-
-
-def resolve_ties(directory: Path, cfg) -> None:
-    """Check the ties `cfg` (a Blip2Config) declares against what the checkpoint stores, before a
-    model is built from it. A stored output head that differs from the embedding it is declared tied
-    to is the model's real head (transformers 5 writes Flan-T5 so: tie_word_embeddings true and its
-    own lm_head), so the head is untied in `cfg`; one equal to it stays tied and is not read. A
-    stored T5 encoder or decoder embedding that differs from the shared one cannot be computed with,
-    and is an error. The tensors compared are read from the page cache, where loading finds them."""
-    ties = {alias: source for alias, source in _ALIASES.items() if cfg.is_encoder_decoder}
-    if cfg.text.tie_word_embeddings:
-        ties[_HEAD] = _embedding_key(cfg)
-    wanted = set(ties) | set(ties.values())
+def check_ties(model: nn.Module, directory: Path) -> None:
+    """Check the ties a meta-device `model` declares against what the checkpoint in `directory`
+    stores, before its layers are replaced or loaded. A stored copy of a tied weight that differs
+    from its source is the model's real weight (transformers 5 writes Flan-T5 so: tie_word_embeddings
+    true and its own lm_head): `model.untie(name)` makes it its own. A stored alias (a key that
+    names a copy of one of our parameters) that differs from it cannot be computed with: an error.
+    The tensors compared are read through the page cache, where loading finds them next."""
+    ties, aliases = model.tied_weights, model.checkpoint_aliases
+    pairs = {**ties, **aliases}
+    wanted = set(pairs) | set(pairs.values())
     stored = {key: (shape, read) for key, shape, read, _ in read_checkpoint(directory) if key in wanted}
-    for copy, source in ties.items():
+    for copy, source in pairs.items():
         if copy not in stored or source not in stored:
             continue
         (shape, read), (source_shape, read_source) = stored[copy], stored[source]
         if shape == source_shape and torch.equal(read(None), read_source(None)):
             continue
-        if copy != _HEAD:
-            raise WeightsError(f"{directory}: {copy} differs from {source}, which it is declared tied to "
-                               "(separate T5 input embeddings are not supported)")
-        cfg.text.tie_word_embeddings = False
-_IGNORED = ("language_model.decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+        if copy not in ties:
+            raise WeightsError(f"{directory}: {copy} differs from {source}, which it is declared a copy of "
+                               "(this model has one tensor for both)")
+        model.untie(copy)
 
 
 @contextlib.contextmanager
-def _unfragmented_heap():
+def unfragmented_heap():
     """While loading, have glibc map every allocation of 128 KB or more on its own, so each temporary
     (a converted weight before packing, a block of rows being quantized) goes back to the system when
     freed instead of leaving holes in the heap between the small tensors that stay; by default the
     threshold climbs to 32 MB as large blocks are freed, and a load then ends with a gigabyte or more
     of resident but unused heap (0.4 GB of extra peak with 4 MB, measured on an int4 load).
-    Afterwards the threshold is the 32 MB that glibc itself settles on, and the freed heap is returned."""
+    Afterwards the threshold is the 32 MB that glibc itself settles on, and the freed heap is returned.
+    This is process-wide (glibc has one heap): the caller chooses to ask for it (load() does)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
@@ -270,21 +251,26 @@ def _unfragmented_heap():
         libc.malloc_trim(0)
 
 
-def load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.device) -> None:
+def load_weights(model: nn.Module, directory: Path, dtype_of: Callable[[str], torch.dtype], device: torch.device,
+                 trainable: Callable[[str], bool] | None = None) -> None:
     """Fill every parameter of a meta-device `model` from the checkpoint in `directory`.
 
-    dtype_of(name) gives each parameter's final dtype. Tied heads (OPT lm_head, T5 embeddings) are
-    tied when the checkpoint does not store them. Any missing, unexpected or misshapen key is an error.
+    dtype_of(name) gives each parameter's final dtype; trainable(name), the parameters to leave
+    trainable (requires_grad, in memory of their own rather than a map of the file). What the model
+    declares is read from it: `tied_weights` (param -> the param it shares when the checkpoint does
+    not store it, or stores it equal: check_ties), `checkpoint_aliases` (stored key -> the param it
+    is a copy of, read only when that is absent), `checkpoint_ignored` (stored keys that feed
+    nothing), and modules' `checkpoint_parts` (stored pieces a module merges into its parameters).
+    Modules with `load_parameter` store what they are handed their own way (packed or quantized
+    weights), and `finish_loading` is called on each once every tensor is placed. Any missing,
+    unexpected or misshapen key is an error.
     """
-    with _unfragmented_heap():
-        _load_weights(model, directory, dtype_of, device)
-
-
-def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.device) -> None:
     expected = {name: p.shape for name, p in model.named_parameters()}
+    ties, aliases, ignored = model.tied_weights, model.checkpoint_aliases, set(model.checkpoint_ignored)
+    trainable = trainable or (lambda name: False)
     loaded: set[str] = set()
     aliased: dict[str, tuple[tuple, Callable, Path]] = {}
-    lavis_bias: dict[str, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     unexpected: list[str] = []
 
     def place(name: str, shape: tuple, read: Callable, path: Path) -> None:
@@ -293,36 +279,36 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)  # "" is the model itself
         if attr in getattr(module, "loads_rows", ()):
-            _set(module, attr, Rows(shape, dtype_of(name), device, read))
+            value = Rows(shape, dtype_of(name), device, read)
         else:
-            _set(module, attr, read(dtype_of(name)).to(device))
+            value = read(dtype_of(name)).to(device)
+        _set(module, attr, value, trainable(name))
         loaded.add(name)
 
-    def _other(key: str, shape: tuple, read: Callable, path: Path) -> None:
-        if key == _HEAD and tied:
-            return  # stored anyway, equal to the embedding (resolve_ties)
-        if key in _ALIASES:
-            aliased.setdefault(_ALIASES[key], (shape, read, path))  # read only if the embedding is absent
-        elif key.endswith((".self_attn.q_bias", ".self_attn.v_bias")) and key.startswith("vision_model."):
-            # LAVIS stores the EVA attention bias as q_bias and v_bias; K has none.
-            prefix, _, which = key.rpartition(".")
-            lavis_bias.setdefault(prefix, {})[which] = read(dtype_of(f"{prefix}.qkv.bias"))
-        elif key not in _IGNORED:
+    def other(key: str, shape: tuple, read: Callable, path: Path) -> None:
+        prefix, _, attr = key.rpartition(".")
+        owner = _submodule(model, prefix)
+        if key in ties:
+            return  # stored anyway, equal to what it is tied to (check_ties)
+        if key in aliases:
+            aliased.setdefault(aliases[key], (shape, read, path))  # read only if the param itself is absent
+        elif attr in getattr(owner, "checkpoint_parts", ()):
+            parts.setdefault(prefix, {})[attr] = read(None)
+        elif key not in ignored:
             unexpected.append(f"{key} ({path.name})")
 
-    tied = model.config.text.tie_word_embeddings  # a stored copy of a tied head: equal (resolve_ties)
     for key, shape, read, path in read_checkpoint(directory):
-        if key in expected and not (tied and key == _HEAD):
+        if key in expected and key not in ties:
             place(key, shape, read, path)
         else:
-            _other(key, shape, read, path)
-    for prefix, parts in lavis_bias.items():
-        if set(parts) != {"q_bias", "v_bias"} or f"{prefix}.qkv.bias" not in expected:
-            unexpected.append(f"{prefix}.{'/'.join(parts)}")
+            other(key, shape, read, path)
+    for prefix, stored in parts.items():
+        owner = model.get_submodule(prefix)
+        if set(stored) != set(owner.checkpoint_parts):
+            unexpected.append(f"{prefix}.{'/'.join(stored)} (incomplete)")
             continue
-        q, v = parts["q_bias"], parts["v_bias"]
-        bias = torch.cat([q, torch.zeros_like(q), v])
-        place(f"{prefix}.qkv.bias", tuple(bias.shape), lambda dtype: bias, directory)
+        for attr, value in owner.merge_checkpoint_parts(stored).items():
+            place(f"{prefix}.{attr}", tuple(value.shape), lambda dtype, value=value: value.to(dtype), directory)
     for name, (shape, read, path) in aliased.items():
         if name not in loaded:
             place(name, shape, read, path)
@@ -332,19 +318,28 @@ def _load_weights(model: nn.Module, directory: Path, dtype_of, device: torch.dev
     for module in model.modules():
         if hasattr(module, "finish_loading"):
             module.finish_loading()
-    _tie_heads(model, loaded)
+    for name, source in ties.items():
+        if name in expected and name not in loaded and source in loaded:
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, model.get_parameter(source))
+            loaded.add(name)
     missing = [name for name in expected if name not in loaded]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise WeightsError(f"{directory}: missing weights: {', '.join(missing[:5])}{more}")
 
 
-def _tie_heads(model: nn.Module, loaded: set[str]) -> None:
-    """Share the embedding as the output head when the checkpoint relies on tying."""
-    cfg = model.config.text
-    if _HEAD in loaded or not cfg.tie_word_embeddings:
-        return
-    if _embedding_key(cfg) in loaded:
-        lm = model.language_model
-        lm.lm_head.weight = (lm.shared if cfg.is_encoder_decoder else lm.model.decoder.embed_tokens).weight
-        loaded.add(_HEAD)
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _set(module: nn.Module, attr: str, value: torch.Tensor | Rows, trainable: bool) -> None:
+    if hasattr(module, "load_parameter"):  # modules that store what they load differently (packed weights)
+        module.load_parameter(attr, value)
+    elif trainable:  # its own memory: a parameter that will be written is not a map of the file
+        module._parameters[attr] = nn.Parameter(value.clone(), requires_grad=True)
+    else:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)

@@ -8,11 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import Blip2Config
-from .generation import GenerationConfig, Hypothesis, generate
-from .opt import OPTForCausalLM, OPTSession, causal_mask, positions_from_mask
+from ..config import Blip2Config
+from .opt import OPTForCausalLM, causal_mask, positions_from_mask
 from .qformer import QFormer
-from .t5 import T5ForConditionalGeneration, T5Session
+from .t5 import T5ForConditionalGeneration
 from .vision import VisionModel
 
 
@@ -26,6 +25,38 @@ class Blip2Model(nn.Module):
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text.hidden_size)
         lm_class = T5ForConditionalGeneration if cfg.is_encoder_decoder else OPTForCausalLM
         self.language_model = lm_class(cfg.text)
+
+    # What belongs to the model, read by the loader, the quantizer and the dtype plan: each part
+    # declares its own, under its name here.
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        return _prefixed(self.language_model.tied_weights, "language_model.")
+
+    @property
+    def checkpoint_aliases(self) -> dict[str, str]:
+        return _prefixed(getattr(self.language_model, "checkpoint_aliases", {}), "language_model.")
+
+    @property
+    def checkpoint_ignored(self) -> list[str]:
+        return [f"language_model.{k}" for k in getattr(self.language_model, "checkpoint_ignored", ())]
+
+    def untie(self, name: str) -> None:
+        """Give a tied weight its own tensor (a checkpoint stores it with other values)."""
+        if name not in self.tied_weights:
+            raise ValueError(f"{name} is not tied")
+        self.config.text.tie_word_embeddings = False  # the only tie BLIP-2 has: the head to the embedding
+
+    def quantizable(self) -> dict[str, str]:
+        """Every layer weight-only quantization may replace -> its role (quant.formats.ROLES)."""
+        parts = {"language_model": self.language_model, "vision_model": self.vision_model, "qformer": self.qformer}
+        return {f"{prefix}.{name}": role for prefix, part in parts.items() for name, role in part.quantizable().items()}
+
+    def float16_kept_in_float32(self) -> set[str]:
+        """Parameters the reference keeps in float32 when the model is float16: the query tokens and
+        the Q-Former (the image's only path to the language model), and what the language model keeps."""
+        names = {"query_tokens", *(f"qformer.{name}" for name, _ in self.qformer.named_parameters())}
+        lm = getattr(self.language_model, "float16_kept_in_float32", list)
+        return names | {f"language_model.{name}" for name in lm()}
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> projected query embeddings [B, num_query_tokens, lm_hidden]."""
@@ -65,14 +96,18 @@ class Blip2Model(nn.Module):
         embeds = embeds.masked_scatter(slots[..., None], queries.to(embeds.dtype))
         return embeds, attention_mask
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                queries: torch.Tensor | None = None) -> torch.Tensor:
         """Logits with the meaning and shape of the reference Blip2ForConditionalGeneration.forward.
 
         OPT: [B, L, vocab] over the whole input (image slots included). T5: [B, T, vocab] over
-        decoder_input_ids (default: the decoder start token alone).
+        decoder_input_ids (default: the decoder start token alone). queries: the images'
+        encode_images output, when already computed (pixel_values is then not used).
         """
-        embeds, mask = self.embed_inputs(self.encode_images(pixel_values), input_ids, attention_mask)
+        if queries is None:
+            queries = self.encode_images(pixel_values)
+        embeds, mask = self.embed_inputs(queries, input_ids, attention_mask)
         lm = self.language_model
         if not self.config.is_encoder_decoder:
             hidden = lm(embeds, positions_from_mask(mask), causal_mask(mask))
@@ -83,26 +118,6 @@ class Blip2Model(nn.Module):
         encoded = lm.encode(embeds, mask)
         return lm.lm_head(lm.decode(decoder_input_ids, lm.cross_kv(encoded), mask))
 
-    def generate(self, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 gen: GenerationConfig) -> list[list[Hypothesis]]:
-        """New tokens for each input: `gen.num_return_sequences` sequences per row of input_ids, best first.
 
-        queries: encode_images' output, one row per input (repeat an image's row to ask it several things).
-        """
-        cfg = self.config
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds, mask = self.embed_inputs(queries, input_ids, attention_mask)
-        copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
-        lm = self.language_model
-        if cfg.is_encoder_decoder:
-            session = T5Session(lm, embeds, mask, copies, gen.max_new_tokens)
-            history = torch.full((input_ids.shape[0], 1), cfg.text.decoder_start_token_id, device=input_ids.device)
-            ignore = None
-        else:
-            session = OPTSession(lm, embeds, mask, copies, gen.max_new_tokens)
-            # The reference's processors see its input_ids; its repetition penalty skips leading padding.
-            history = input_ids
-            ignore = attention_mask.cumsum(1) == 0
-        pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else cfg.eos_token_ids[0]
-        return generate(session, history, gen, cfg.eos_token_ids, pad, ignore)
+def _prefixed(names: dict[str, str], prefix: str) -> dict[str, str]:
+    return {f"{prefix}{k}": f"{prefix}{v}" for k, v in names.items()}

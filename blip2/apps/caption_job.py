@@ -1,0 +1,162 @@
+"""Caption files, directories, globs and URLs: each file once, failures as records, whole lines out."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".ppm"}
+
+
+def expand_images(args: list[str]) -> tuple[list[str], list[str]]:
+    """Files, directories (their image files, sorted) and glob patterns to a list of inputs, each file
+    once; also the errors for arguments that name nothing. `**` matches directories at any depth
+    without following links to directories, so a link to a parent cannot make the walk endless."""
+    found: dict[str, None] = {}  # insertion-ordered, for duplicates
+    seen: set[str] = set()  # real paths of the files found
+    errors = []
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            found[path] = None
+
+    for arg in args:
+        if arg.startswith(("http://", "https://")):
+            found[arg] = None
+        elif Path(arg).is_dir():
+            files = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            for f in files:
+                add(f)
+            if not files:
+                errors.append(f"{arg}: directory has no image files")
+        elif glob.has_magic(arg) and not Path(arg).exists():
+            matches = _glob(arg)
+            for f in matches:
+                add(f)
+            if not matches:
+                errors.append(f"{arg}: no file matches")
+        else:
+            add(arg)  # a missing file is reported by the image loader, per image
+    return list(found), errors
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files matching `pattern`, sorted; pathlib's `**` does not follow links to directories."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    root = Path(*parts[:fixed]) if fixed else Path(".")
+    rest = str(Path(*parts[fixed:]))
+    hidden = any(part.startswith(".") for part in parts[fixed:])  # as glob: hidden names only when asked for
+    matches = (p for p in root.glob(rest)
+               if p.is_file() and (hidden or not any(q.startswith(".") for q in p.relative_to(root).parts)))
+    return sorted(str(p) for p in matches)
+
+
+class Progress:
+    """A one-line progress bar on stderr, shown only when stderr is a terminal or many items are queued."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.show = total > 1 and sys.stderr.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.show:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            width = 30
+            filled = int(width * self.done / self.total)
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {rate:.2f} images/s",
+                  end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.show:
+            print(file=sys.stderr)
+
+
+def caption_files(model, paths: list[str], prompt: str, settings: dict, *, batch_size: int = 8,
+                  as_json: bool = False, out=None, report=None) -> tuple[int, int]:
+    """Caption `paths` in batches, writing one record per image to `out` (default stdout): a JSON
+    object (path, caption, seconds; or path and error) with `as_json`, else `PATH<TAB>caption` (the
+    bare caption for a single image), names escaped. An image that fails is reported through
+    `report(message)` (text) or as its record (JSON) and the rest go on. Returns (captioned, failed).
+
+    Paths go to the model as they are: each is decoded and resized on a worker as its turn comes,
+    through the same image stream every other caller uses, so memory holds one full-size image per
+    worker, whatever the batch size."""
+    out = Records(sys.stdout if out is None else out)
+    report = report or (lambda message: print(f"blip2: error: {message}", file=sys.stderr, flush=True))
+    captioned = failed = 0
+    progress = Progress(len(paths))
+    try:
+        for start in range(0, len(paths), batch_size):
+            batch = paths[start:start + batch_size]
+            t = time.perf_counter()
+            captions = model.caption(batch, prompt, errors="return", **settings)
+            seconds = (time.perf_counter() - t) / len(batch)
+            for name, caption in zip(batch, captions):
+                if isinstance(caption, Exception):
+                    failed += 1
+                    if as_json:
+                        out.write(json.dumps({"path": name, "error": str(caption)}))
+                    else:
+                        report(str(caption))
+                elif as_json:
+                    captioned += 1
+                    out.write(json.dumps({"path": name, "caption": caption, "seconds": round(seconds, 3)}))
+                else:
+                    captioned += 1
+                    out.write(f"{_escaped(name)}\t{_escaped(caption)}" if len(paths) > 1 else caption)
+            progress.update(len(batch))
+    finally:
+        progress.close()
+    return captioned, failed
+
+
+def _escaped(name: str) -> str:
+    """A file name (or caption) for a line of tab-separated output: backslash, tab, newline and
+    carriage return escaped, so that no name can add a column or a line."""
+    return name.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+
+
+class OutputError(OSError):
+    """The results could not be written (disk full, file too large, ...)."""
+
+
+class Records:
+    """Whole lines to a stream: a line that cannot be written entirely (a full disk) is taken back
+    where the stream is a file, so the output ends with the last complete record."""
+
+    def __init__(self, stream):
+        self.stream, self.written = stream, 0
+        try:
+            self.fd = stream.fileno()
+            self.start = os.lseek(self.fd, 0, os.SEEK_CUR) if stat.S_ISREG(os.fstat(self.fd).st_mode) else None
+        except (AttributeError, OSError, ValueError):  # not a real file (a test's capture, a StringIO)
+            self.fd = self.start = None
+
+    def write(self, line: str) -> None:
+        if self.fd is None:
+            print(line, file=self.stream, flush=True)
+            self.written += 1
+            return
+        data = (line + "\n").encode("utf-8", "surrogateescape")  # file names as the system gave them
+        self.stream.flush()
+        at = os.lseek(self.fd, 0, os.SEEK_END) if self.start is not None else None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if at is not None:
+                os.ftruncate(self.fd, at)
+            raise OutputError(f"cannot write the output after {self.written} records: {e.strerror or e}") from None
+        self.written += 1

@@ -1,0 +1,122 @@
+"""Pieces every model part shares: activations, uninitialised embeddings, attention, the key/value cache."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # The reference's "gelu_new" is written out, not F.gelu(approximate="tanh"): same formula, kept
+    # literal so rounding matches.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+ACT: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": _gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding left uninitialised (its weights come from the checkpoint). Its default random
+    init on the meta device runs through torch's reference decompositions, which import torch._dynamo
+    and sympy: 70 MB of resident memory and a second of loading for nothing."""
+    return nn.Embedding.from_pretrained(torch.empty(num, dim), freeze=False)
+
+
+# Decoding a large batch on a GPU, torch's attention kernels spend most of a step on tiles of 64
+# queries where each row has one: for batch x heads >= SINGLE_QUERY_ROWS, attention runs as two
+# batched products around a float32 softmax instead (BENCHMARKS.md, scripts/gpu_ab.py).
+SINGLE_QUERY_ROWS = 1024
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Softmax attention of [B, H, N, D] queries over [B, H, L, D] keys/values, the scale already in
+    q; `mask` boolean (True: may attend) or additive, broadcast to [B, H, N, L]."""
+    b, h, n, _ = q.shape
+    if n == 1 and q.is_cuda and b * h >= SINGLE_QUERY_ROWS:
+        return single_query_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           mask: torch.Tensor | None) -> torch.Tensor:
+    """`attention` for one query per row as two batched products. Scores are float32 like those
+    inside torch's fused kernels (on CUDA straight from the product's float32 accumulator); the
+    probabilities are rounded to v's dtype for the second product, as flash attention does."""
+    b, h, _, d = q.shape
+    keys = k.reshape(b * h, -1, d).transpose(1, 2)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        scores = torch.bmm(q.reshape(b * h, 1, d), keys, out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(q.reshape(b * h, 1, d).float(), keys.float())
+    scores = scores.view(b, h, 1, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [layers, batch, heads, max_len, head_dim].
+
+    Written in place at the positions being computed, so decoding allocates nothing per step and
+    beam search reorders rows in place.
+    """
+
+    def __init__(self, layers: int, batch: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (layers, batch, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache holding these keys and values (a prefill's outputs)."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, H, len(pos), D] at positions `pos`; return this layer's whole cache."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A new cache holding batch rows `rows` (one input's prefill shared by its beams)."""
+        return KVCache.of(self.k.index_select(1, rows), self.v.index_select(1, rows))
+
+    def reorder(self, rows: torch.Tensor, start: int, end: int) -> None:
+        """Keep batch rows `rows` (beam search), in place: only the rows that take another row's
+        history, and only positions [start, end): those written since the beams split (their shared
+        prompt is the same in every beam) and before the next step. Copying the whole cache cost
+        more than a fifth of a 5-beam OPT-2.7b decoding step on CPU."""
+        moved = torch.nonzero(rows != torch.arange(len(rows), device=rows.device)).squeeze(1)
+        if len(moved) and end > start:
+            for t in (self.k, self.v):
+                written = t.narrow(3, start, end - start)
+                written.index_copy_(1, moved, written.index_select(1, rows[moved]))
+
+
+def linear_names(module: nn.Module, prefix: str) -> list[str]:
+    """The names (under `prefix`) of every nn.Linear inside `module`: the layers a model declares quantizable."""
+    return [f"{prefix}{name}" for name, m in module.named_modules() if isinstance(m, nn.Linear)]
