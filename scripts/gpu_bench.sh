@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one go, for a lent GPU (about 7 minutes on an H100):
-# parity on CUDA, OPT (float16) and Flan-T5 (bfloat16) side by side with
+# Every GPU figure of BENCHMARKS.md in one go (about 7 minutes on an H100):
+# the CUDA tests, OPT (float16) and Flan-T5 (bfloat16) side by side with
 # transformers at batch 1, 8, 32 and 256 (COMPARE adds ours-int8,ours-int4), then the open questions'
 # A/B (AB: sections of scripts/gpu_ab.py, default where a batch of images stalls; empty: none) and where Flan-T5's
 # and then OPT's time goes at batch 256. Logs and raw JSON go to OUTDIR; each step has a time limit, and the whole
-# run stops starting steps after BUDGET seconds (default 540: a 15-minute lease, with its start).
+# run stops starting steps after BUDGET seconds (default 540).
 #
 #     bash scripts/gpu_bench.sh OUTDIR
 set -u
@@ -25,8 +25,8 @@ run() {  # name, time limit (s), command...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-run cuda_check 90 python3 scripts/cuda_check.py
-grep -o '"check": "[^"]*"[^}]*"ok": [a-z]*' "$out/cuda_check.log" | sed 's/"relative_error": [^,]*, //'
+run cuda_tests 120 python3 -m pytest -q -m cuda tests/test_cuda.py
+tail -3 "$out/cuda_tests.log"
 run make 120 blip2 bench make --model opt-2.7b --dir "$dir"
 run bench_opt 200 blip2 bench run --model opt-2.7b --device cuda --dtype float16 --repeat 1 \
     --batches 8,32,256 --compare "${COMPARE:-transformers}" --dir "$dir" --json "$out/bench_opt.json"
