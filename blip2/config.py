@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,17 +50,22 @@ def _build(cls, raw: dict, section: str):
 
 
 # What a field's annotation admits. JSON has one number type, so a float field takes an integer;
-# bool is a subclass of int in Python but `true` is not a size.
+# bool is a subclass of int in Python but `true` is not a size. numpy's numbers count as numbers.
 _KINDS = {
     "None": ("null", lambda v: v is None),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    "int": ("an integer", lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)),
+    "float": ("a finite number", lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)
               and math.isfinite(v)),
     "str": ("a string", lambda v: isinstance(v, str)),
     "list[int]": ("a list of integers", lambda v: isinstance(v, list) and len(v) > 0
                   and all(_KINDS["int"][1](x) for x in v)),
 }
+def matches(value: Any, annotation: str) -> bool:
+    """Whether `value` is of a type a dataclass field's annotation admits ("int | None", "float", ...)."""
+    return any(_KINDS[kind][1](value) for kind in annotation.split(" | "))
+
+
 # Fields that index the language model's vocabulary; every other int is a size or a count.
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "image_token_index")
 

@@ -8,11 +8,12 @@ always count new tokens only.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+
+from ..config import matches
 
 
 @dataclass
@@ -54,21 +55,11 @@ class GenerationConfig:
         "repetition_penalty": (lambda g: g.repetition_penalty > 0, "a finite number > 0"),
         "no_repeat_ngram_size": (lambda g: g.no_repeat_ngram_size >= 0, "an integer >= 0 (0: no n-gram ban)"),
     }
-    # What an annotation admits: bool is a subclass of int in Python but True is not a count, and a
-    # float setting takes an int but not NaN or infinity.
-    _IS = {
-        "None": lambda v: v is None,
-        "bool": lambda v: isinstance(v, bool),
-        "int": lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),  # numpy's too
-        "float": lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(v) < float("inf"),
-        "str": lambda v: isinstance(v, str),
-    }
-
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             in_range, allowed = self._ALLOWED[f.name]
-            if not (any(self._IS[kind](value) for kind in f.type.split(" | ")) and in_range(self)):
+            if not (matches(value, f.type) and in_range(self)):
                 raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
 
     @classmethod
