@@ -17,11 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import blip2  # noqa: E402
-from blip2.bench import write_images  # noqa: E402
-from blip2.layers import PackedLinear  # noqa: E402
+import blip2
+from blip2.apps.bench import write_images
+from blip2.quant.packed import PackedLinear
 
 
 def main() -> int:

@@ -2,13 +2,15 @@
 Sections (--only):
 
 - `images`: preparing a large batch of images and encoding it (the library's path,
-  `Blip2.image_queries` of `ImageProcessor.stream`) on threads or on forked worker processes (the
-  main thread must win the GIL to feed the GPU); encoding the prepared batch at once or in chunks;
+  `Blip2.image_queries` of its `ImageStream`, `Blip2.images`) on threads or on forked worker
+  processes (the main thread must win the GIL to feed the GPU); encoding the prepared batch at once
+  or in chunks;
 - `stall`: when, preparing 256 images on processes and encoding them as they come, each chunk
   arrives and is handed to the GPU, with a cProfile of the main thread;
 - `attention`: the decoding step at batch 1 to 256, attention through torch's fused kernel (SDPA)
-  or, for a single query, as two batched products (`layers.single_query_attention`, float32 scores;
-  and with half-precision scores), with each one's logits error; the kernels of a batch-256 step;
+  or, for a single query, as two batched products (`models.layers.single_query_attention`, float32
+  scores; and with half-precision scores), with each one's logits error; the kernels of a batch-256
+  step;
 - `encoder`: the vision encoder's layers, eager or through torch.compile (fused layer norms,
   activation and residual adds around the vendor GEMMs), its compile time and outputs' difference,
   and the kernels of a chunk either way;
@@ -18,7 +20,7 @@ Sections (--only):
   (tinygemm); and what unpacking an int4 weight from tinygemm's layout costs (for many rows);
 - `int4`: int4 products of OPT-2.7b's and the vision encoder's shapes at 1-2048 rows: tinygemm
   against the weight widened to bfloat16 from tinygemm's layout for the GEMM (what the library does
-  from `quantize.CUDA_INT4_GEMM_ROWS` rows on), that widening alone, and float16's product;
+  from `quant.linear.CUDA_INT4_GEMM_ROWS` rows on), that widening alone, and float16's product;
 - `overlap`: encoding images on a second CUDA stream while a batch decodes on the first: whether
   the compute-bound encoder and the memory-bound decoding step overlap.
 
@@ -37,15 +39,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import blip2  # noqa: E402
-import blip2.layers as layers  # noqa: E402
-from blip2.api import GPU_ENCODE_BATCH  # noqa: E402
-from blip2.bench import PROMPT, write_images  # noqa: E402
-from blip2.generation import GenerationConfig  # noqa: E402
-from blip2.opt import OPTSession  # noqa: E402
-from gpu_profile import kernel_profile, timer  # noqa: E402  (scripts/ is on the path: this file's folder)
+import blip2
+import blip2.models.layers as layers
+from blip2.apps.bench import PROMPT, write_images
+from blip2.engine.generation import GenerationConfig
+from blip2.engine.pipeline import GPU_ENCODE_BATCH
+from blip2.engine.sessions import OPTSession
+from gpu_profile import kernel_profile, timer  # scripts/ is on the path: this file's folder
 
 
 def _half_scores(q, k, v, mask):
@@ -55,7 +55,7 @@ def _half_scores(q, k, v, mask):
 
 
 def _vit_layer(x, ln1w, ln1b, qkvw, qkvb, pw, pb, ln2w, ln2b, f1w, f1b, f2w, f2b, heads: int, eps: float):
-    """vision.VisionLayer.forward (GELU activation) as a function of its weights, so that one
+    """models.vision.VisionLayer.forward (GELU activation) as a function of its weights, so that one
     compiled graph serves every layer."""
     b, n, d = x.shape
     q, k, v = F.linear(F.layer_norm(x, (d,), ln1w, ln1b, eps), qkvw, qkvb).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
@@ -135,7 +135,8 @@ def _int8_out_scaled(x, w, s):
 
 def int8_ab(dtype: torch.dtype, device: str = "cuda") -> dict[str, object]:
     """Weight-only products of OPT-2.7b's shapes on CUDA, ms per product (graphed), per row count."""
-    from blip2.quantize import Quantization, QuantizedLinear
+    from blip2.quant.formats import Quantization
+    from blip2.quant.linear import QuantizedLinear
 
     out: dict[str, object] = {}
     torch._dynamo.config.recompile_limit = 64  # one compilation per shape
@@ -198,7 +199,9 @@ def int8_ab(dtype: torch.dtype, device: str = "cuda") -> dict[str, object]:
 
 def int4_ab(device: str = "cuda") -> dict[str, object]:
     """int4 products on CUDA, ms per product (graphed), per row count: tinygemm, widened, float16."""
-    from blip2.quantize import Quantization, QuantizedLinear, _dequantize_cuda_int4
+    from blip2.quant.formats import Quantization
+    from blip2.quant.layouts import _dequantize_cuda_int4
+    from blip2.quant.linear import QuantizedLinear
 
     if device != "cuda":
         return {"skipped": "tinygemm and its widening are CUDA only"}
@@ -241,7 +244,7 @@ def overlap_ab(m, px, seconds, batch: int = 256, steps: int = 20) -> dict[str, o
         tokens = m.tokenizer([PROMPT] * batch, max_length=m.max_prompt_tokens(gen))
         ids, mask = tokens.input_ids.to(m.device), tokens.attention_mask.to(m.device)
         embeds, full = m.model.embed_inputs(queries, ids, mask)
-        s = OPTSession(m.model.language_model, embeds, full, 1, steps + 4)
+        s = OPTSession(m.model.language_model, embeds, full, 1, steps + 4, m.graphs)
         tok = s.prefill().argmax(-1)
         start_slot, start_pos = int(s.slot), s.next_pos.clone()
 
@@ -334,11 +337,11 @@ def images_ab(m, files, px, seconds, out) -> None:
     # Images: prepared on threads or processes and encoded as they come; encoding alone, at once or in chunks.
     def prepare_and_encode(processes):
         m._queries.clear()
-        return m.image_queries(m.image_processor.stream(files, processes=processes))
+        return m.image_queries(m.images(files, processes=processes))
 
     for processes in (False, True):
         name = "processes" if processes else "threads"
-        out[f"prep_{name}_s"] = seconds(lambda: list(m.image_processor.stream(files, processes=processes)))
+        out[f"prep_{name}_s"] = seconds(lambda: list(m.images(files, processes=processes)))
         out[f"prep_encode_{name}_s"] = seconds(lambda: prepare_and_encode(processes))
     out["encode_at_once_s"] = seconds(lambda: m.encode_images(px))
     out["encode_in_chunks_s"] = seconds(lambda: [m.encode_images(c) for c in px.split(GPU_ENCODE_BATCH)])
@@ -352,7 +355,7 @@ def stall_ab(m, files, seconds) -> dict[str, object]:
     import io
     import pstats
 
-    import blip2.api as api
+    import blip2.engine.pipeline as pipeline
 
     out: dict[str, object] = {}
     arrivals: list[float] = []
@@ -367,7 +370,7 @@ def stall_ab(m, files, seconds) -> dict[str, object]:
         return result
 
     def stream():
-        for i, row in enumerate(m.image_processor.stream(files, processes=True)):
+        for i, row in enumerate(m.images(files, processes=True)):
             if i % 32 == 31:
                 arrivals.append(round(time.perf_counter() - start[0], 4))
             yield row
@@ -400,18 +403,23 @@ def stall_ab(m, files, seconds) -> dict[str, object]:
         out["no_pinned_memory_s"] = seconds(prepare_and_encode)
     finally:
         torch.Tensor.pin_memory = pin
-    api.GPU_ENCODE_BATCH = 64
+    # The chunk size is no parameter of the library: the pipeline module's constant is patched for
+    # this experiment, then put back.
+    chunk = pipeline.GPU_ENCODE_BATCH
+    pipeline.GPU_ENCODE_BATCH = 64
     try:
         prepare_and_encode(), prepare_and_encode()
         out["chunks_of_64_s"] = seconds(prepare_and_encode)
     finally:
-        api.GPU_ENCODE_BATCH = 32
+        pipeline.GPU_ENCODE_BATCH = chunk
     return out
 
 
 def attention_ab(m, px, batches, seconds, cuda, device, out) -> None:
     # The decoding step: attention through SDPA or as two products (float32 or half-precision scores).
     gen = GenerationConfig(max_new_tokens=20, min_new_tokens=20)
+    # Which attention runs is no parameter of the library: models.layers' threshold and product are
+    # patched for this experiment, then put back.
     default_rows, products = layers.SINGLE_QUERY_ROWS, layers.single_query_attention
     variants = {"sdpa": (10**9, products), "products": (0, products), "products_half_scores": (0, _half_scores)}
     for batch in batches:
@@ -420,10 +428,10 @@ def attention_ab(m, px, batches, seconds, cuda, device, out) -> None:
         ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
         for variant, (rows, fn) in variants.items():
             layers.SINGLE_QUERY_ROWS, layers.single_query_attention = rows, fn
-            m.model.language_model.__dict__.pop("_kept_graphs", None)
+            m.graphs.steps.clear()  # the decoding step captured again, with this variant
             with torch.inference_mode():
                 embeds, full = m.model.embed_inputs(queries, ids, mask)
-                s = OPTSession(m.model.language_model, embeds, full, 1, 60)
+                s = OPTSession(m.model.language_model, embeds, full, 1, 60, m.graphs)
                 tok = s.prefill().argmax(-1)
                 logits = s.step(tok).double()
                 if variant == "sdpa":
@@ -435,7 +443,7 @@ def attention_ab(m, px, batches, seconds, cuda, device, out) -> None:
     # The kernels of an eager step at the largest batch, as the library runs it.
     with torch.inference_mode():
         if cuda:
-            s = OPTSession(m.model.language_model, embeds, full, 1, 60)
+            s = OPTSession(m.model.language_model, embeds, full, 1, 60, m.graphs)
             tok = s.prefill().argmax(-1)
             out[f"b{batch}_kernels"] = kernel_profile(lambda: s._step(tok), steps=3)
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from blip2.bench import status_bytes
+from blip2.apps.bench.worker import status_bytes
 
 GiB = 2**30
 POSITIONS = 256
@@ -79,8 +79,7 @@ def decode_ms_per_token(model, steps: int = 16, prompt_tokens: int = 16, seed: i
     """Median milliseconds of one decoding step (batch 1, greedy) of a loaded `blip2.Blip2`."""
     import torch
 
-    from blip2.opt import OPTSession
-    from blip2.t5 import T5Session
+    from blip2.engine.sessions import OPTSession, T5Session
 
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -90,7 +89,7 @@ def decode_ms_per_token(model, steps: int = 16, prompt_tokens: int = 16, seed: i
     with torch.inference_mode():
         embeds, mask = model.model.embed_inputs(queries, ids, torch.ones_like(ids))
         session_class = T5Session if cfg.is_encoder_decoder else OPTSession
-        session = session_class(model.model.language_model, embeds, mask, 1, steps + 2)
+        session = session_class(model.model.language_model, embeds, mask, 1, steps + 2, model.graphs)
         token = session.prefill().argmax(-1)
         for _ in range(steps + 1):
             start = time.perf_counter()
@@ -202,25 +201,31 @@ PARTS = {"head": ("language_model.model.decoder.embed_tokens", "language_model.s
          "language": ("language_model.",), "vision": ("vision_model.",), "qformer": ("qformer.",)}
 
 
+def _unpacked(model_dir: str):
+    """blip2.load in float32 with plain nn.Linear modules, whose weights can be swapped: a load given
+    `trainable` packs no weight for oneDNN (and here leaves none trainable)."""
+    import blip2
+
+    return blip2.load(model_dir, dtype="float32", trainable=lambda name: False)
+
+
 def parts_error(model_dir: str, mode: str = "int4", parts: tuple[str, ...] = tuple(PARTS)) -> list[dict]:
     """Which part's rounding moves the logits: each part's weights alone rounded to `mode` (the head
     always int8, the others in `mode` whatever the engine's choice for them) in an otherwise float32,
     unpacked model; logits against the float32 model's, and the layers' mean relative weight error."""
     import torch
 
-    import blip2
-    import blip2.api
-    from blip2.quantize import Quantization, dequantize_weight, quantize_weight, target_names
+    from blip2.quant.formats import Quantization, dequantize_weight, quantize_weight
+    from blip2.quant.linear import targets
 
-    blip2.api.can_pack = lambda *args: False  # plain Linear modules, whose weights can be swapped
     q = Quantization(mode)
     torch.set_grad_enabled(False)
-    reference = teacher_forced_logits(blip2.load(model_dir, dtype="float32"))
+    reference = teacher_forced_logits(_unpacked(model_dir))
     head = PARTS["head"]
     results = []
     for part in parts:
-        model = blip2.load(model_dir, dtype="float32")
-        names = [n for n in target_names(model.model, q) if n.startswith(PARTS[part])
+        model = _unpacked(model_dir)
+        names = [n for n in targets(model.model, q) if n.startswith(PARTS[part])
                  and (part == "head" or n not in head)]
         errors = []
         for name in names:
@@ -251,20 +256,21 @@ def floor_error(model_dir: str, levels: tuple[float, ...] = FLOOR_LEVELS, seed: 
     layers (embedding, head, Q-Former) rounded as int4 mode rounds them; logits against float32."""
     import torch
 
-    import blip2
-    import blip2.api
-    from blip2.quantize import Quantization, dequantize_weight, layer_quantization, quantize_weight, target_names
+    from blip2.quant.formats import Quantization, dequantize_weight, quantize_weight
+    from blip2.quant.linear import targets
 
-    blip2.api.can_pack = lambda *args: False
     q = Quantization("int4")
     torch.set_grad_enabled(False)
-    reference = teacher_forced_logits(blip2.load(model_dir, dtype="float32"))
+    reference = teacher_forced_logits(_unpacked(model_dir))
     results = []
     for level in levels:
         g = torch.Generator().manual_seed(seed)
-        model = blip2.load(model_dir, dtype="float32")
-        for name in target_names(model.model, q):
-            module, lq = model.model.get_submodule(name), layer_quantization(name, q)
+        model = _unpacked(model_dir)
+        layers = targets(model.model, q)
+        for name, module in model.model.named_modules():  # the noise drawn in the model's module order
+            if name not in layers:
+                continue
+            lq = layers[name]
             w = module.weight.data
             if lq.mode == "int8":
                 module.weight.data = dequantize_weight(quantize_weight(w, lq), lq)
@@ -285,22 +291,25 @@ def qformer_precision(model_dir: str, dtype: str = "bfloat16", images: int = 8, 
     import torch
 
     import blip2
-    import blip2.api
-    from blip2.generation import GenerationConfig
+    import blip2.engine.pipeline as pipeline
+    from blip2.engine.generation import GenerationConfig
+    from blip2.engine.sessions import generate
 
-    plan = blip2.api._dtype_plan
+    plan = pipeline.dtype_plan
 
     def load(qformer_float32: bool):
-        def patched(cfg, dt):
-            dtype_of = plan(cfg, dt)
+        # load() takes no per-parameter dtypes: for this experiment its dtype plan is swapped for one
+        # that also keeps the Q-Former in float32, then put back.
+        def patched(model, dt):
+            dtype_of = plan(model, dt)
             keep = lambda n: qformer_float32 and (n == "query_tokens" or n.startswith("qformer."))  # noqa: E731
             return lambda n: torch.float32 if keep(n) else dtype_of(n)
 
-        blip2.api._dtype_plan = patched
+        pipeline.dtype_plan = patched
         try:
             return blip2.load(model_dir, dtype=dtype if qformer_float32 is not None else "float32")
         finally:
-            blip2.api._dtype_plan = plan
+            pipeline.dtype_plan = plan
 
     cfg = blip2.Blip2Config.from_file(model_dir)
     g = torch.Generator().manual_seed(0)
@@ -314,7 +323,8 @@ def qformer_precision(model_dir: str, dtype: str = "bfloat16", images: int = 8, 
         model = load(choice)
         with torch.inference_mode():
             queries = model.encode_images(pixels).float()
-            tokens = [h[0].token_ids for h in model.model.generate(queries.to(model.dtype), ids, None, gen)]
+            tokens = [h[0].token_ids for h in generate(model.model, queries.to(model.dtype), ids, None, gen,
+                                                       model.graphs)]
         out[name] = (queries, tokens)
         del model
     ref_q, ref_t = out.pop("float32")
@@ -335,32 +345,31 @@ def products(rows: list[int], dtype: str = "float32", copies: int = 4) -> list[d
     """Milliseconds for one random OPT-2.7b decoder layer's worth of quantized products (4 times each
     shape, distinct weights, so they come from memory as in decoding; float32 or bfloat16
     activations), per number of rows, through each CPU path a QuantizedLinear has: blip2's own
-    product (cpu_kernels.py, where built), torch's kernel, and the weight widened through the float
-    GEMM. Medians of 5 runs (3 from 32 rows)."""
+    product (quant/cpu_kernels.py, where built and chosen at load), torch's kernel, and the weight
+    widened through the float GEMM, whatever the layer would choose for that many rows. Medians of 5
+    runs (3 from 32 rows)."""
     import torch
 
-    from blip2.quantize import QuantizedLinear, Quantization
-
-    def through(own: bool):
-        """A path through the layer's own forward: blip2's product on or off, never widened."""
-        def call(layer, x):
-            layer.own_product, layer.widen_from = own, None
-            return layer(x)
-        return call
+    from blip2.quant.formats import Quantization
+    from blip2.quant.linear import QuantizedLinear, Workspace
 
     dt = getattr(torch, dtype)
     out = []
     for mode in ("int8", "int4"):
         layers = []
+        workspace = Workspace()  # shared, as a loaded model's layers share theirs
         for n, k in PRODUCT_SHAPES:
             for _ in range(copies):
-                layer = QuantizedLinear(k, n, False, Quantization(mode), dt)
+                layer = QuantizedLinear(k, n, False, Quantization(mode), dt, workspace=workspace)
                 layer.load_parameter("weight", torch.randn(n, k) * 0.02)
                 layers.append(layer)
+        for layer in layers:
+            layer.finish_loading()
         weight_bytes = sum(layer.weight.numel() for layer in layers)
-        paths = {"torch": through(False), "widened": lambda layer, x: layer._widened_linear(x)}
-        if layers[0].own_product:
-            paths["blip2"] = through(True)
+        # each path is one of the layer's kernels, called directly (its forward picks one by the rows)
+        paths = {"torch": QuantizedLinear.torch_kernel, "widened": QuantizedLinear.cpu_widened}
+        if layers[0].few_rows == "own_product":
+            paths["blip2"] = QuantizedLinear.own_product
         for m in rows:
             xs = {k: torch.randn(m, k).to(dt) for k in {k for _, k in PRODUCT_SHAPES}}
             row = {"mode": mode, "rows": m}

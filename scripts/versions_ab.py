@@ -5,7 +5,8 @@ machine's drift when a benchmark run comes out slower.
 
     python scripts/versions_ab.py --model ~/.cache/blip2/bench/opt-2.7b OLD_CHECKOUT NEW_CHECKOUT [--rounds 2] [--dtype D]
 
-(make an old checkout with `git worktree add /tmp/old REV`.)
+(make an old checkout with `git worktree add /tmp/old REV`; one from before blip2.apps and blip2.engine
+existed works too.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ MEASURE = r"""
 import statistics, sys, time
 start = time.perf_counter()
 import blip2
-from blip2.bench import PROMPT, write_images
+try:
+    from blip2.apps.bench import PROMPT, write_images
+    from blip2.engine.generation import GenerationConfig
+    from blip2.engine.sessions import generate
+except ImportError:  # a checkout from before blip2/ was split into models/, inputs/, quant/, engine/, apps/
+    from blip2.bench import PROMPT, write_images
+    from blip2.generation import GenerationConfig
+    generate = None
 m = blip2.load(sys.argv[1], dtype=sys.argv[3])
 load = time.perf_counter() - start
 files = iter(write_images(__import__("pathlib").Path(sys.argv[2]), 20))
@@ -32,13 +40,16 @@ answer(1, 2)
 e20 = statistics.median(answer(1, 20) for _ in range(2))
 e1 = statistics.median(answer(1, 1) for _ in range(2))
 import torch
-from blip2.generation import GenerationConfig
 queries = m.encode_images(m.pixel_values([next(files)]))
 ids = m.tokenizer([PROMPT], max_length=m.max_prompt_tokens(GenerationConfig(max_new_tokens=20)))
 def from_queries(k):  # no image encoding: the prompt's pass, then k - 1 decoding steps
     t = time.perf_counter()
     with torch.inference_mode():
-        m.model.generate(queries, ids.input_ids, ids.attention_mask, GenerationConfig(max_new_tokens=k, min_new_tokens=k))
+        gen = GenerationConfig(max_new_tokens=k, min_new_tokens=k)
+        if generate is None:
+            m.model.generate(queries, ids.input_ids, ids.attention_mask, gen)
+        else:
+            generate(m.model, queries, ids.input_ids, ids.attention_mask, gen, m.graphs)
     return time.perf_counter() - t
 q1 = statistics.median(from_queries(1) for _ in range(2))
 q20 = statistics.median(from_queries(20) for _ in range(2))
