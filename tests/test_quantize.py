@@ -14,7 +14,7 @@ import blip2
 import blip2.engine.dtypes as dtypes
 from blip2.apps.cli import main
 from blip2.quant.packed import PackedLinear
-from blip2.quant.formats import MODES, Quantization, dequantize_weight, quantize_weight, unfit
+from blip2.quant.formats import MODES, Quantization, dequantize_weight, quantize_weight
 from blip2.quant.linear import QuantizedEmbedding, QuantizedLinear
 from checkpoints import full_checkpoint, load_memory, opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 

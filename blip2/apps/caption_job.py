@@ -81,18 +81,20 @@ class Progress:
 
 
 def caption_files(model, paths: list[str], prompt: str, settings: dict, *, batch_size: int = 8,
-                  as_json: bool = False, out=None, report=None) -> tuple[int, int]:
+                  as_json: bool = False, out=None, report=None, failed_before: int = 0) -> tuple[int, int]:
     """Caption `paths` in batches, writing one record per image to `out` (default stdout): a JSON
     object (path, caption, seconds; or path and error) with `as_json`, else `PATH<TAB>caption` (the
     bare caption for a single image), names escaped. An image that fails is reported through
-    `report(message)` (text) or as its record (JSON) and the rest go on. Returns (captioned, failed).
+    `report(message)` (text) or as its record (JSON) and the rest go on. The run ends, however it
+    ends, with a summary line on stderr ("98 captioned, 2 failed", counting `failed_before` inputs that
+    named nothing). Returns (captioned, failed).
 
     Paths go to the model as they are: each is decoded and resized on a worker as its turn comes,
     through the same image stream every other caller uses, so memory holds one full-size image per
     worker, whatever the batch size."""
     out = Records(sys.stdout if out is None else out)
     report = report or (lambda message: print(f"blip2: error: {message}", file=sys.stderr, flush=True))
-    captioned = failed = 0
+    captioned, failed = 0, failed_before
     progress = Progress(len(paths))
     try:
         for start in range(0, len(paths), batch_size):
@@ -116,6 +118,8 @@ def caption_files(model, paths: list[str], prompt: str, settings: dict, *, batch
             progress.update(len(batch))
     finally:
         progress.close()
+        if len(paths) > 1 or failed:
+            print(f"blip2: {captioned} captioned, {failed} failed", file=sys.stderr, flush=True)
     return captioned, failed
 
 

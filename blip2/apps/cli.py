@@ -30,6 +30,7 @@ from .caption_job import caption_files, expand_images
 from .chat import chat_loop
 from .quantize_job import quantize_checkpoint
 
+
 def _err(message: str) -> None:
     print(f"blip2: error: {message}", file=sys.stderr, flush=True)
 
@@ -48,7 +49,7 @@ def _generation(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                       quantize_vision=not args.no_quantize_vision, force_float16=args.force_float16)
+                 quantize_vision=not args.no_quantize_vision, force_float16=args.force_float16)
     q = f", {model.quantization.mode}" if model.quantization else ""
     print(f"loaded in {model.load_seconds:.1f} s ({model.dtype}{q}, {model.device})", file=sys.stderr, flush=True)
     return model
@@ -62,15 +63,8 @@ def _caption(args: argparse.Namespace) -> int:
         _err("no images to caption")
         return 1
     settings = _generation(args)
-    model = _load(args)
-    captioned, failed = 0, len(errors)
-    try:
-        done, bad = caption_files(model, paths, args.prompt, settings, batch_size=args.batch_size, as_json=args.json,
-                                  report=_err)
-        captioned, failed = captioned + done, failed + bad
-    finally:
-        if len(paths) > 1 or failed:
-            print(f"blip2: {captioned} captioned, {failed} failed", file=sys.stderr, flush=True)
+    _, failed = caption_files(_load(args), paths, args.prompt, settings, batch_size=args.batch_size, as_json=args.json,
+                              report=_err, failed_before=len(errors))
     return 1 if failed else 0
 
 

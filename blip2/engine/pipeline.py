@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 from ..checkpoint import check_ties, load_weights, unfragmented_heap
 from ..config import Blip2Config
 from ..hub import DEFAULT_MODEL, resolve
