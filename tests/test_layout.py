@@ -116,3 +116,29 @@ def test_trainable_parameters_learn_through_the_whole_model(ckpt_root):
         params["qformer.layernorm.weight"].add_(1.0)  # its own memory: the file is untouched
     again = blip2.load(path)
     assert torch.equal(again.model.get_parameter("qformer.layernorm.weight"), before)
+
+
+def test_a_closed_model_leaves_no_image_workers_and_stays_usable(ckpt_root, tmp_path):
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from checkpoints import full_checkpoint
+
+    path, _ = full_checkpoint(ckpt_root / "close-opt", "opt", seed=22)
+    files = []
+    for i in range(3):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(files[-1])
+
+    def workers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("blip2-images")]
+
+    with blip2.load(path) as model:
+        first = model.caption(files, num_beams=1, max_new_tokens=3)
+        assert workers()  # the stream's threads, made on first use
+    assert not workers()
+    assert model.caption(files, num_beams=1, max_new_tokens=3) == first  # a closed model makes new ones
+    model.close()
+    assert not workers()
