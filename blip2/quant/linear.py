@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
 from ..checkpoint import Rows
+from . import cpu_kernels
 from .formats import Quantization, _reused, quantize_weight, role_quantization, unfit
 from .layouts import _dequantize_cpu_int4_t, _dequantize_cuda_int4, _pack_int4, cpu_int4_block, cuda_int4_band
 
 log = logging.getLogger(__name__)
+
 
 def targets(model: nn.Module, q: Quantization) -> dict[str, Quantization]:
     """The layers of `model` (a Blip2Model) that `q` quantizes, each with how (role_quantization of
@@ -36,10 +37,6 @@ def targets(model: nn.Module, q: Quantization) -> dict[str, Quantization]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------
-# The layer
-
-
 # From this many rows on, CPU products widen the weight and run the float GEMM (see
 # QuantizedLinear.forward): the kernels' cost grows with the rows, widening's with the weight (int4's
 # dequantization costs about what torch's kernel does on 64-128 rows, measured on 2 cores). blip2's
@@ -55,6 +52,17 @@ CUDA_INT4_GEMM_ROWS = 256
 # at once, the head in 4 parts. int4: 2 M, so the dequantization's temporaries stay small (at 257
 # rows 2.5-3x faster than the kernel on the vision encoder's layers, measured).
 _WIDEN_ELEMENTS = {"int8": 1 << 25, "int4": 1 << 21}
+
+
+class Workspace:
+    """Buffers the quantized layers of one model share: blocks of rows being quantized while loading
+    (released once every tensor is placed), and the widened weight of many-row CPU products (kept:
+    every such product reuses it). Fresh blocks of tens of MB cost more in page faults than the work
+    done in them."""
+
+    def __init__(self) -> None:
+        self.loading: dict = {}
+        self.widened: dict = {}
 
 
 class QuantizedLinear(nn.Module):
@@ -224,17 +232,6 @@ class QuantizedEmbedding(QuantizedLinear):
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.out_features}, embedding_dim={self.in_features}, int8, dtype={self.dtype}"
-
-
-class Workspace:
-    """Buffers the quantized layers of one model share: blocks of rows being quantized while loading
-    (released once every tensor is placed), and the widened weight of many-row CPU products (kept:
-    every such product reuses it). Fresh blocks of tens of MB cost more in page faults than the work
-    done in them."""
-
-    def __init__(self) -> None:
-        self.loading: dict = {}
-        self.widened: dict = {}
 
 
 def quantize_linears(model: nn.Module, q: Quantization, dtype_of, stored: dict[str, str] | None = None

@@ -69,7 +69,6 @@ def run_worker(spec: dict, threads: int | None = None, python: str | None = None
     return result
 
 
-# ---------------------------------------------------------------------------------------------------
 # The run: systems alternated in fresh processes, medians, the table
 
 NEW_TOKENS = 20

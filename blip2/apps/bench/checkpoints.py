@@ -48,7 +48,6 @@ CONFIGS: dict[str, dict] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------
 # Random checkpoints
 
 
@@ -201,7 +200,6 @@ def quick_config(kind: str) -> dict:
     return config
 
 
-# ---------------------------------------------------------------------------------------------------
 # Tokenizer, processor and image files
 
 PROMPT = "Question: how many dogs are in the picture? Answer:"

@@ -14,8 +14,6 @@ from typing import Callable
 
 import torch
 
-# The machine's ceilings and the floors they imply
-
 
 def measure_ceilings(dtype: str = "bfloat16", quick: bool = False, device: str = "cpu") -> dict[str, float]:
     """Memory read bandwidth (GB/s: summing a 2 GB float32 tensor) and matmul rate (GFLOP/s, 4096^3)

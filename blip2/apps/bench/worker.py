@@ -13,8 +13,6 @@ from typing import Callable
 
 import torch
 
-# One system in one fresh process (runs in the child)
-
 
 def status_bytes(field: str) -> int:
     """A /proc/self/status memory figure (VmRSS: resident set, VmHWM: its peak) in bytes."""
