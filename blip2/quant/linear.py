@@ -160,10 +160,11 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features).to(self.dtype)
         many = self.many_from is not None and x.shape[0] >= self.many_from
-        y = getattr(self, self.many_rows if many else self.few_rows)(x)
-        if self.bias is not None:
-            y = y + self.bias
+        y = getattr(self, self.many_rows if many else self.few_rows)(x)  # bias included
         return y.view(*shape[:-1], self.out_features)
+
+    def _biased(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias
 
     def torch_kernel(self, x: torch.Tensor) -> torch.Tensor:
         """torch's weight-only kernels (CPU: vectorised for AVX-512; CUDA int4: tinygemm)."""
@@ -174,13 +175,13 @@ class QuantizedLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, self.weight, self.q.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm(xk, self.weight, self.q.group_size, self.scales_and_zeros)
-        return y.to(self.dtype)
+        return self._biased(y.to(self.dtype))
 
     def own_product(self, x: torch.Tensor) -> torch.Tensor:
         """blip2's AVX2 products: activations in float32 (int8) or 16-bit steps (int4), not bfloat16."""
         if self.q.mode == "int8":
-            return cpu_kernels.int8_mm(x, self.weight, self.scales).to(self.dtype)
-        return cpu_kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size).to(self.dtype)
+            return self._biased(cpu_kernels.int8_mm(x, self.weight, self.scales).to(self.dtype))
+        return self._biased(cpu_kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size).to(self.dtype))
 
     def cuda_int8_widened(self, x: torch.Tensor) -> torch.Tensor:
         """CUDA int8: the weight widened (int8 values are exact in half precision) and the scales applied
@@ -188,19 +189,21 @@ class QuantizedLinear(nn.Module):
         (docs/log.md). Integer-valued products may pass float16's range before scaling, hence float32."""
         w = self.weight.to(self.dtype).t()
         y = torch.mm(x, w, out_dtype=torch.float32) if self.dtype != torch.float32 else torch.mm(x, w)
-        return (y * self.scales).to(self.dtype)
+        return self._biased((y * self.scales).to(self.dtype))
 
     def cuda_int4_widened(self, x: torch.Tensor) -> torch.Tensor:
         w = _dequantize_cuda_int4(self.weight, self.scales_and_zeros, self.q.group_size, self.out_features,
                                   self.in_features, self.cuda_band)
-        return F.linear(x.to(torch.bfloat16), w).to(self.dtype)
+        return self._biased(F.linear(x.to(torch.bfloat16), w).to(self.dtype))
 
     def cpu_widened(self, x: torch.Tensor) -> torch.Tensor:
         """The weight widened to the activations' dtype, _WIDEN_ELEMENTS at a time, through F.linear:
         the CPU kernels work row by row, so for many rows (image patches; with torch's kernels, a
         prompt too) this is faster (than torch's kernels: int8 up to 6x, int4 on the vision encoder
         2.5x). int8 values are exact in bfloat16 and their scales apply to the output, as in the
-        kernel; int4 weights are dequantized as the kernel does and rounded to the dtype."""
+        kernel; int4 weights are dequantized as the kernel does and rounded to the dtype. The bias is
+        added in the same pass as the scales (int8) or by the product (int4): on a CPU each pass over
+        the output of an image's patches costs as much as widening the weight."""
         rows = max(64, _WIDEN_ELEMENTS[self.q.mode] // self.in_features // 64 * 64)
         out = torch.empty(x.shape[0], self.out_features, dtype=self.dtype, device=x.device)
         scratch = self.workspace.widened
@@ -208,11 +211,17 @@ class QuantizedLinear(nn.Module):
             n = min(rows, self.out_features - r)
             if self.q.mode == "int8":
                 w = _reused(scratch, self.dtype, (n, self.in_features), self.dtype).copy_(self.weight[r:r + n])
-                torch.mul(F.linear(x, w), self.scales[r:r + n], out=out[:, r:r + n])
+                if self.bias is None:
+                    torch.mul(F.linear(x, w), self.scales[r:r + n], out=out[:, r:r + n])
+                else:
+                    torch.addcmul(self.bias[r:r + n], F.linear(x, w), self.scales[r:r + n], out=out[:, r:r + n])
             else:
                 w_t = _reused(scratch, self.dtype, (self.in_features, n), self.dtype)
                 _dequantize_cpu_int4_t(self.weight[r:r + n], self.scales_and_zeros[:, r:r + n], self.q.group_size, w_t)
-                torch.matmul(x, w_t, out=out[:, r:r + n])
+                if self.bias is None:
+                    torch.matmul(x, w_t, out=out[:, r:r + n])
+                else:
+                    torch.addmm(self.bias[r:r + n], x, w_t, out=out[:, r:r + n])
         return out
 
     def extra_repr(self) -> str:
