@@ -123,7 +123,7 @@ def test_unreadable_exif_is_one_warning_naming_the_image(tmp_path):
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
 def test_fuzzed_exif_bytes_give_an_image_or_an_image_error(fmt):
     data = _jpeg_with_exif(fmt)
-    start = max(data.find(b"II*\0"), data.find(b"MM\0*"))  # the EXIF block's TIFF header
+    start = max(data.find(b"II*\0"), data.find(b"MM\0*"))  # the EXIF block's TIFF header (78 bytes long)
     assert start >= 0
     outcomes = {"image": 0, "error": 0}
     with warnings.catch_warnings(record=True) as caught:
@@ -136,7 +136,8 @@ def test_fuzzed_exif_bytes_give_an_image_or_an_image_error(fmt):
                     assert load_image(bytes(mutated)).mode == "RGB"
                     outcomes["image"] += 1
                 except ImageError as e:
-                    assert "bytes>" in str(e)
+                    # only the image data may be too broken to use: its metadata is used or dropped
+                    assert pos - start >= 70 and "bytes>" in str(e), (pos - start, str(e))
                     outcomes["error"] += 1
     assert outcomes["image"] > 0
     # Pillow's own warnings name no file: each is said again once, as an ImageWarning naming the input
