@@ -132,9 +132,11 @@ def test_a_closed_model_leaves_no_image_workers_and_stays_usable(ckpt_root, tmp_
         files.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(files[-1])
 
-    def workers() -> list[str]:
-        return [t.name for t in threading.enumerate() if t.name.startswith("blip2-images")]
+    def workers() -> set[int]:  # other models of the test session may hold workers of their own
+        return {t.ident for t in threading.enumerate() if t.name.startswith("blip2-images")} - others
 
+    others: set[int] = set()
+    others = workers()
     with blip2.load(path) as model:
         first = model.caption(files, num_beams=1, max_new_tokens=3)
         assert workers()  # the stream's threads, made on first use
