@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from text_fixtures import make_opt_tokenizer, make_processor_files, make_t5_tokenizer
 
 import blip2.inputs.image_stream as image_stream
-from blip2.inputs.image_stream import ImageStream, prepared
+from blip2.inputs.image_stream import ImageStream
 from blip2.inputs.images import CLIP_MEAN, CLIP_STD, ImageError, ImageProcessor, load_image
 from blip2.inputs.tokenizer import PromptTokenizer
 
@@ -129,7 +129,8 @@ def test_all_input_kinds_give_the_same_tensor_as_the_path(tmp_path: Path) -> Non
 def _pixels(processor: ImageProcessor, images) -> torch.Tensor:
     """The model's input for one image or a batch (a list, or a 4-D array), through the image stream."""
     batch = isinstance(images, list) or (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4)
-    return prepared(processor, list(images) if batch else [images])
+    with ImageStream(processor) as stream:
+        return processor.normalize(torch.stack(list(stream(list(images) if batch else [images]))))
 
 
 def test_images_prepared_in_worker_processes_equal_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

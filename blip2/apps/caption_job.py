@@ -81,7 +81,7 @@ class Progress:
 
 
 def caption_files(model, paths: list[str], prompt: str, settings: dict, *, batch_size: int = 8,
-                  as_json: bool = False, out=None, report=None, failed_before: int = 0) -> tuple[int, int]:
+                  as_json: bool = False, out=None, report, failed_before: int = 0) -> tuple[int, int]:
     """Caption `paths` in batches, writing one record per image to `out` (default stdout): a JSON
     object (path, caption, seconds; or path and error) with `as_json`, else `PATH<TAB>caption` (the
     bare caption for a single image), names escaped. An image that fails is reported through
@@ -93,7 +93,6 @@ def caption_files(model, paths: list[str], prompt: str, settings: dict, *, batch
     through the same image stream every other caller uses, so memory holds one full-size image per
     worker, whatever the batch size."""
     out = Records(sys.stdout if out is None else out)
-    report = report or (lambda message: print(f"blip2: error: {message}", file=sys.stderr, flush=True))
     captioned, failed = 0, failed_before
     progress = Progress(len(paths))
     try:

@@ -7,13 +7,10 @@ import sys
 from ..inputs.images import ImageError, load_image
 
 
-def _error(message: str) -> None:
-    print(f"blip2: error: {message}", file=sys.stderr, flush=True)
-
-
-def chat_loop(model, image, settings: dict) -> int:
+def chat_loop(model, image, settings: dict, report) -> int:
     """Talk about `image` on stdin and stdout until end of input: /reset clears the conversation,
-    /image PATH changes the image. A line that cannot be used is an error line; the talk goes on."""
+    /image PATH changes the image. A line that cannot be used is reported (report(message)) and the
+    talk goes on."""
     interactive = sys.stdin.isatty()
     if interactive:
         print("Ask about the image. /reset clears the conversation, /image PATH changes the image, "
@@ -31,7 +28,7 @@ def chat_loop(model, image, settings: dict) -> int:
         if not line:
             continue
         if not _is_utf8(line):
-            _error("that line is not valid UTF-8 text; the conversation goes on without it")
+            report("that line is not valid UTF-8 text; the conversation goes on without it")
             continue
         if line == "/reset":
             messages = []
@@ -43,13 +40,13 @@ def chat_loop(model, image, settings: dict) -> int:
                 messages = []
                 print("(new image; conversation cleared)", file=sys.stderr)
             except ImageError as e:
-                _error(str(e))
+                report(str(e))
             continue
         messages.append({"role": "user", "content": line})
         try:
             reply = model.chat(image, messages, **settings)
         except (ValueError, RuntimeError) as e:  # a bad turn (its text, its length) is that turn's error
-            _error(str(e))
+            report(str(e))
             messages.pop()
             continue
         messages.append({"role": "assistant", "content": reply})

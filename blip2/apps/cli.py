@@ -71,7 +71,7 @@ def _caption(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     settings = _generation(args)
-    return chat_loop(_load(args), image, settings)
+    return chat_loop(_load(args), image, settings, report=_err)
 
 
 def _ask(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import torch
 from ..checkpoint import check_ties, load_weights, unfragmented_heap
 from ..config import Blip2Config
 from ..hub import DEFAULT_MODEL, resolve
-from ..inputs.image_stream import ImageStream, prepared
+from ..inputs.image_stream import ImageStream
 from ..inputs.images import ImageError, ImageProcessor, ImageSource
 from ..inputs.prompts import CAPTION, CHAT, VQA, VQA_PROMPT, check_prompts, render_chat
 from ..inputs.tokenizer import T5_MAX_PROMPT, PromptTokenizer
@@ -134,7 +134,10 @@ class Blip2:
 
     def pixel_values(self, images: ImageSource | Sequence[ImageSource]) -> torch.Tensor:
         """Images (paths, URLs, bytes, PIL images, arrays) to the checkpoint's normalised [B, 3, S, S]."""
-        return prepared(self.image_processor, [images] if _is_single(images) else list(images))
+        batch = [images] if _is_single(images) else list(images)
+        if not batch:
+            raise ValueError("no images given")
+        return self.image_processor.normalize(torch.stack(list(self.images(batch))))
 
     def image_queries(self, pixel_values: torch.Tensor | Iterable[torch.Tensor]) -> torch.Tensor:
         """encode_images with a small cache, so questions and chat turns about one image encode it once.

@@ -99,14 +99,6 @@ class ImageStream:
                 raise
 
 
-def prepared(processor: ImageProcessor, images: Sequence[ImageSource]) -> torch.Tensor:
-    """Images (anything `load_image` takes) to the model's [B, 3, size, size] input, prepared in parallel."""
-    if not images:
-        raise ValueError("no images given")
-    with ImageStream(processor) as stream:
-        return processor.normalize(torch.stack(list(stream(images))))
-
-
 def _resized_or_error(processor: ImageProcessor, image: ImageSource) -> torch.Tensor | ImageError:
     try:
         return _with_image(image, lambda rgb, _: processor.resized(rgb))

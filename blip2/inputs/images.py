@@ -12,7 +12,6 @@ directory, with these deliberate differences:
 from __future__ import annotations
 
 import io
-import math
 import os
 import threading
 import urllib.error
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..config import ConfigError, read_settings
+from ..config import ConfigError, matches, read_settings
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -283,9 +282,9 @@ class ImageProcessor:
         settings = dict(size=size, mean=config.get("image_mean", CLIP_MEAN), std=config.get("image_std", CLIP_STD),
                         resample=resample, rescale_factor=config.get("rescale_factor", 1 / 255))
         checks = {  # setting: (valid, what it must be)
-            "size": (_is_int(size) and 1 <= size <= 4096, "an integer from 1 to 4096"),
-            "resample": (_is_int(resample) and resample in set(Image.Resampling), "one of PIL's filters 0-5"),
-            "rescale_factor": (_is_number(settings["rescale_factor"]) and settings["rescale_factor"] > 0,
+            "size": (matches(size, "int") and 1 <= size <= 4096, "an integer from 1 to 4096"),
+            "resample": (matches(resample, "int") and resample in set(Image.Resampling), "one of PIL's filters 0-5"),
+            "rescale_factor": (matches(settings["rescale_factor"], "float") and settings["rescale_factor"] > 0,
                                "a positive number"),
             "image_mean": (_is_triple(settings["mean"]), "three finite numbers"),
             "image_std": (_is_triple(settings["std"]) and min(settings["std"]) > 0, "three positive numbers"),
@@ -317,13 +316,5 @@ class ImageProcessor:
         return self.normalize(self.resized(image))
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_triple(values) -> bool:
-    return isinstance(values, (list, tuple)) and len(values) == 3 and all(_is_number(v) for v in values)
+    return isinstance(values, (list, tuple)) and len(values) == 3 and all(matches(v, "float") for v in values)
