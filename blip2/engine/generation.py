@@ -1,9 +1,10 @@
 """One generation loop for both language models: greedy, sampling and beam search.
 
-The language model is reached through a session with three calls: `prefill()`, `step(tokens)` and
-`reorder(rows)` (OPTSession, T5Session). Scores are processed in the reference's order so that
-greedy and beam search pick the same tokens as `transformers`' generate on the same logits. Lengths
-always count new tokens only.
+A Search chooses the tokens one step at a time from the logits it is given; `run` drives it over a
+session with three calls: `prefill()`, `step(tokens)` and `reorder(rows)` (OPTSession, T5Session),
+and a continuous batch (batching.py) drives many over one pool of rows. Scores are processed in the
+reference's order so that greedy and beam search pick the same tokens as `transformers`' generate
+on the same logits. Lengths always count new tokens only.
 """
 
 from __future__ import annotations
@@ -141,134 +142,178 @@ def _ban_repeated_ngrams(history: torch.Tensor, scores: torch.Tensor, n: int) ->
     return scores
 
 
-def generate(session, history: torch.Tensor, gen: GenerationConfig, eos_token_ids: list[int], pad_token_id: int,
-             ignore: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-    """Decode from a session whose rows are the inputs repeated (num_beams or num_return_sequences) times.
-
-    history [inputs, prompt_len]: the ids the reference's processors see (its input_ids for OPT,
-    the decoder start token for T5). Returns, per input, `num_return_sequences` sequences, best first.
-    """
-    device = history.device
-    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-    generator = None
-    if gen.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
-    copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
-    history = history.repeat_interleave(copies, 0)
-    if ignore is not None:
-        ignore = ignore.repeat_interleave(copies, 0)
-    process = ScoreProcessor(gen, eos, history.shape[1], ignore)
-    run = _beam_search if gen.num_beams > 1 else _sample_or_greedy
-    return run(session, history, gen, eos, pad_token_id, process, generator)
-
-
-def _sample_or_greedy(session, history, gen, eos, pad, process, generator):
-    rows = history.shape[0]
-    unfinished = torch.ones(rows, dtype=torch.bool, device=history.device)
-    total = torch.zeros(rows, device=history.device)
+def run(session, search: "Search") -> list[list[Hypothesis]]:
+    """Decode a session to the end, its tokens chosen by `search`; the sequences of each input."""
     logits = session.prefill()
-    new = []
-    for step in range(gen.max_new_tokens):
-        scores = process(history, logits)
+    while (tokens := search.advance(logits)) is not None:
+        if search.reorder is not None:
+            session.reorder(search.reorder)
+        logits = session.step(tokens)
+    return search.results()
+
+
+class Search:
+    """The choice of tokens for a batch of inputs, one step at a time: `advance(logits)` takes the
+    logits of every row and returns the tokens to feed next (None when every row is done), after
+    which `reorder` holds the rows to keep (beam search) or None. `results()` gives the sequences.
+    A session drives it alone (generate) or among other requests' rows (a continuous batch)."""
+
+    reorder: torch.Tensor | None = None
+
+    @staticmethod
+    def start(gen: GenerationConfig, history: torch.Tensor, eos_token_ids: list[int], pad_token_id: int,
+              ignore: torch.Tensor | None = None) -> "Search":
+        """The search for inputs whose processors see `history` [inputs, prompt_len] (the reference's
+        input_ids for OPT, the decoder start token for T5); rows are the inputs repeated
+        (num_beams or num_return_sequences) times."""
+        device = history.device
+        eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+        generator = None
+        if gen.do_sample:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
+        copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
+        history = history.repeat_interleave(copies, 0)
+        if ignore is not None:
+            ignore = ignore.repeat_interleave(copies, 0)
+        process = ScoreProcessor(gen, eos, history.shape[1], ignore)
+        kind = BeamSearch if gen.num_beams > 1 else SampleOrGreedy
+        return kind(history, gen, eos, pad_token_id, process, generator)
+
+    def advance(self, logits: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def results(self) -> list[list[Hypothesis]]:
+        raise NotImplementedError
+
+
+class SampleOrGreedy(Search):
+    def __init__(self, history, gen, eos, pad, process, generator):
+        self.history, self.gen, self.eos, self.pad, self.process, self.generator = \
+            history, gen, eos, pad, process, generator
+        rows = history.shape[0]
+        self.unfinished = torch.ones(rows, dtype=torch.bool, device=history.device)
+        self.total = torch.zeros(rows, device=history.device)
+        self.new: list[torch.Tensor] = []
+
+    def advance(self, logits: torch.Tensor) -> torch.Tensor | None:
+        gen, process = self.gen, self.process
+        scores = process(self.history, logits)
         if gen.do_sample:
             scores = process.warp(scores)
             probs = scores.softmax(-1)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            tokens = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
         else:
             tokens = scores.argmax(-1)
-        total += torch.where(unfinished, scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0], 0.0)
-        tokens = torch.where(unfinished, tokens, pad)
-        new.append(tokens)
-        history = torch.cat([history, tokens[:, None]], 1)
-        unfinished &= ~torch.isin(tokens, eos)
-        if step + 1 == gen.max_new_tokens or not bool(unfinished.any()):
-            break
-        logits = session.step(tokens)
-    out = torch.stack(new, 1).tolist()
-    finished = (~unfinished).tolist()
-    seqs = []
-    for ids, score, done in zip(out, total.tolist(), finished):
-        if done:  # keep the end-of-sequence token, drop the padding after it
-            ids = ids[: next(i for i, t in enumerate(ids) if t in eos.tolist()) + 1]
-        seqs.append(Hypothesis(ids, score, done))
-    n = gen.num_return_sequences
-    return [seqs[i:i + n] for i in range(0, len(seqs), n)]
+        unfinished = self.unfinished
+        self.total += torch.where(unfinished, scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0], 0.0)
+        tokens = torch.where(unfinished, tokens, self.pad)
+        self.new.append(tokens)
+        self.history = torch.cat([self.history, tokens[:, None]], 1)
+        unfinished &= ~torch.isin(tokens, self.eos)
+        if len(self.new) == gen.max_new_tokens or not bool(unfinished.any()):
+            return None
+        return tokens
+
+    def finished(self) -> list[bool]:
+        """Per row: whether it has ended (end-of-sequence generated)."""
+        return (~self.unfinished).tolist()
+
+    def results(self) -> list[list[Hypothesis]]:
+        out = torch.stack(self.new, 1).tolist()
+        eos = self.eos.tolist()
+        seqs = []
+        for ids, score, done in zip(out, self.total.tolist(), self.finished()):
+            if done:  # keep the end-of-sequence token, drop the padding after it
+                ids = ids[: next(i for i, t in enumerate(ids) if t in eos) + 1]
+            seqs.append(Hypothesis(ids, score, done))
+        n = self.gen.num_return_sequences
+        return [seqs[i:i + n] for i in range(0, len(seqs), n)]
 
 
-def _beam_search(session, history, gen, eos, pad, process, generator):
-    """The reference's vectorised beam search, step for step, over a session's cache."""
-    k = gen.num_beams
-    rows, prompt_len = history.shape
-    batch = rows // k
-    device = history.device
-    max_length = prompt_len + gen.max_new_tokens
-    keep = max(2, 1 + len(eos)) * k
-    top_k_mask = torch.arange(keep, device=device) < k
-    running = torch.full((batch, k, max_length), pad, dtype=torch.long, device=device)
-    running[:, :, :prompt_len] = history.view(batch, k, prompt_len)
-    done_seqs = running.clone()
-    running_scores = torch.zeros(batch, k, device=device)
-    running_scores[:, 1:] = -1e9
-    done_scores = torch.full((batch, k), -1e9, device=device)
-    done_lens = torch.zeros(batch, k, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
-    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
-    offsets = torch.arange(batch, device=device)[:, None] * k
-    cur = prompt_len
-    logits = session.prefill()
-    while True:
-        log_probs = process(running[:, :, :cur].reshape(rows, cur), F.log_softmax(logits, -1))
+class BeamSearch(Search):
+    """The reference's vectorised beam search, step for step."""
+
+    def __init__(self, history, gen, eos, pad, process, generator):
+        self.gen, self.eos, self.process, self.generator = gen, eos, process, generator
+        k = gen.num_beams
+        rows, prompt_len = history.shape
+        batch = rows // k
+        device = history.device
+        self.k, self.rows, self.batch, self.prompt_len = k, rows, batch, prompt_len
+        self.max_length = prompt_len + gen.max_new_tokens
+        self.keep = max(2, 1 + len(eos)) * k
+        self.top_k_mask = torch.arange(self.keep, device=device) < k
+        self.running = torch.full((batch, k, self.max_length), pad, dtype=torch.long, device=device)
+        self.running[:, :, :prompt_len] = history.view(batch, k, prompt_len)
+        self.done_seqs = self.running.clone()
+        self.running_scores = torch.zeros(batch, k, device=device)
+        self.running_scores[:, 1:] = -1e9
+        self.done_scores = torch.full((batch, k), -1e9, device=device)
+        self.done_lens = torch.zeros(batch, k, dtype=torch.long, device=device)
+        self.finished = torch.zeros(batch, k, dtype=torch.bool, device=device)
+        self.improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        self.offsets = torch.arange(batch, device=device)[:, None] * k
+        self.cur = prompt_len
+
+    def advance(self, logits: torch.Tensor) -> torch.Tensor | None:
+        gen, process, eos = self.gen, self.process, self.eos
+        k, rows, batch, cur, max_length, prompt_len = \
+            self.k, self.rows, self.batch, self.cur, self.max_length, self.prompt_len
+        keep = self.keep
+        log_probs = process(self.running[:, :, :cur].reshape(rows, cur), F.log_softmax(logits, -1))
         if gen.do_sample:
             log_probs = process.warp(log_probs, min_keep=len(eos) + 1)
         vocab = log_probs.shape[-1]
-        log_probs = (log_probs.view(batch, k, vocab) + running_scores[:, :, None]).view(batch, k * vocab)
+        log_probs = (log_probs.view(batch, k, vocab) + self.running_scores[:, :, None]).view(batch, k * vocab)
         if gen.do_sample:
-            top_idx = torch.multinomial(log_probs.softmax(-1), keep, generator=generator)
+            top_idx = torch.multinomial(log_probs.softmax(-1), keep, generator=self.generator)
             top_lp, order = log_probs.gather(1, top_idx).sort(-1, descending=True)
             top_idx = top_idx.gather(1, order)
         else:
             top_lp, top_idx = torch.topk(log_probs, keep)
         source = top_idx // vocab
         tokens = top_idx % vocab
-        candidates = running.gather(1, source[:, :, None].expand(-1, -1, max_length)).clone()
+        candidates = self.running.gather(1, source[:, :, None].expand(-1, -1, max_length)).clone()
         candidates[:, :, cur] = tokens
         hits = torch.isin(tokens, eos) | (cur + 1 >= max_length)
         # Live beams: the best k candidates that did not stop.
         live_lp = top_lp + hits.float() * -1e9
         pick = torch.topk(live_lp, k)[1]
-        running = candidates.gather(1, pick[:, :, None].expand(-1, -1, max_length))
-        running_scores = live_lp.gather(1, pick)
+        self.running = candidates.gather(1, pick[:, :, None].expand(-1, -1, max_length))
+        self.running_scores = live_lp.gather(1, pick)
         beam_source = source.gather(1, pick)
         # Finished hypotheses: stopped candidates among the top k, scored with the length penalty.
-        just_done = hits & top_k_mask[None, :]
+        just_done = hits & self.top_k_mask[None, :]
         done_lp = top_lp / ((cur + 1 - prompt_len) ** gen.length_penalty)
-        full = finished.all(-1, keepdim=True) & (gen.early_stopping is True)
-        done_lp = done_lp + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just_done).float() * -1e9
-        merged_scores = torch.cat([done_scores, done_lp], 1)
+        full = self.finished.all(-1, keepdim=True) & (gen.early_stopping is True)
+        done_lp = done_lp + full.float() * -1e9 + (~self.improvable).float() * -1e9 + (~just_done).float() * -1e9
+        merged_scores = torch.cat([self.done_scores, done_lp], 1)
         best = torch.topk(merged_scores, k)[1]
-        done_seqs = torch.cat([done_seqs, candidates], 1).gather(1, best[:, :, None].expand(-1, -1, max_length))
-        done_scores = merged_scores.gather(1, best)
+        self.done_seqs = torch.cat([self.done_seqs, candidates], 1).gather(1, best[:, :, None].expand(-1, -1, max_length))
+        self.done_scores = merged_scores.gather(1, best)
         new_lens = torch.full_like(tokens, cur + 1 - prompt_len)
-        done_lens = torch.cat([done_lens, new_lens], 1).gather(1, best)
-        finished = torch.cat([finished, just_done], 1).gather(1, best)
-        session.reorder((beam_source + offsets).view(-1))
-        cur += 1
+        self.done_lens = torch.cat([self.done_lens, new_lens], 1).gather(1, best)
+        self.finished = torch.cat([self.finished, just_done], 1).gather(1, best)
+        self.reorder = (beam_source + self.offsets).view(-1)
+        self.cur = cur = cur + 1
         # Stop when no live beam can beat the worst finished one (the reference's heuristic).
         if gen.early_stopping == "never" and gen.length_penalty > 0:
             best_len = max_length - prompt_len
         else:
             best_len = cur - prompt_len
-        best_possible = running_scores[:, :1] / (best_len ** gen.length_penalty)
-        worst_done = torch.where(finished, done_scores.min(1, keepdim=True)[0], -1e9)
-        improvable = improvable & (best_possible > worst_done).any(-1, keepdim=True)
-        open_beams = not (bool(finished.all()) and gen.early_stopping is True)
-        if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
-            break
-        logits = session.step(running[:, :, cur - 1].reshape(-1))
-    n = gen.num_return_sequences
-    out = []
-    for b in range(batch):
-        out.append([Hypothesis(done_seqs[b, i, prompt_len:prompt_len + int(done_lens[b, i])].tolist(),
-                             float(done_scores[b, i]), bool(finished[b, i])) for i in range(n)])
-    return out
+        best_possible = self.running_scores[:, :1] / (best_len ** gen.length_penalty)
+        worst_done = torch.where(self.finished, self.done_scores.min(1, keepdim=True)[0], -1e9)
+        self.improvable = self.improvable & (best_possible > worst_done).any(-1, keepdim=True)
+        open_beams = not (bool(self.finished.all()) and gen.early_stopping is True)
+        if not (bool(self.improvable.any()) and open_beams and not bool(hits.all())):
+            return None
+        return self.running[:, :, cur - 1].reshape(-1)
+
+    def results(self) -> list[list[Hypothesis]]:
+        n, prompt_len = self.gen.num_return_sequences, self.prompt_len
+        out = []
+        for b in range(self.batch):
+            out.append([Hypothesis(self.done_seqs[b, i, prompt_len:prompt_len + int(self.done_lens[b, i])].tolist(),
+                                   float(self.done_scores[b, i]), bool(self.finished[b, i])) for i in range(n)])
+        return out

@@ -10,7 +10,7 @@ from ..models.layers import KVCache
 from ..models.opt import OPTForCausalLM, positions_from_mask
 from ..models.t5 import T5ForConditionalGeneration
 from .cuda_graphs import CudaGraphs, GraphedSteps
-from .generation import GenerationConfig, Hypothesis, generate as decode
+from .generation import GenerationConfig, Hypothesis, Search, run
 
 
 def generate(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -20,6 +20,13 @@ def generate(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, 
     queries: encode_images' output, one row per input (repeat an image's row to ask it several things).
     graphs: where a GPU keeps its CUDA graphs (None: none are captured).
     """
+    return run(*start(model, queries, input_ids, attention_mask, gen, graphs))
+
+
+def start(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+          gen: GenerationConfig, graphs: CudaGraphs | None = None) -> tuple[OPTSession | T5Session, Search]:
+    """A decoding session over these inputs (rows repeated for beams or samples; nothing computed
+    yet) and the search that chooses its tokens."""
     cfg = model.config
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -36,7 +43,7 @@ def generate(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, 
         history = input_ids
         ignore = attention_mask.cumsum(1) == 0
     pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else cfg.eos_token_ids[0]
-    return decode(session, history, gen, cfg.eos_token_ids, pad, ignore)
+    return session, Search.start(gen, history, cfg.eos_token_ids, pad, ignore)
 
 
 class OPTSession(GraphedSteps):
@@ -79,8 +86,10 @@ class OPTSession(GraphedSteps):
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.valid.index_fill_(1, self.slot, True)
-        hidden = self.lm(self.lm.embed(tokens)[:, None], self.next_pos[:, None], self.valid[:, None, None, :],
-                         self.cache, self.slot)
+        cache, valid = _written(self.cache, self.slot), self.valid
+        valid = valid[:, :cache.max_len]
+        hidden = self.lm(self.lm.embed(tokens)[:, None], self.next_pos[:, None], valid[:, None, None, :],
+                         cache, self.slot)
         self.next_pos += 1
         self.slot += 1
         return self.lm.lm_head(hidden[:, -1]).float()
@@ -114,12 +123,20 @@ class T5Session(GraphedSteps):
         return self.step(start)
 
     def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.decode(tokens[:, None], self.cross, self.encoder_mask, self.cache, self.slot)
+        hidden = self.lm.decode(tokens[:, None], self.cross, self.encoder_mask, _written(self.cache, self.slot),
+                                self.slot)
         self.slot += 1
         return self.lm.lm_head(hidden[:, -1]).float()
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache.reorder(rows, 0, int(self.slot))
+
+
+def _written(cache: KVCache, slot: torch.Tensor) -> KVCache:
+    """The cache up to the position being written, on a CPU, where attention over the whole
+    preallocated cache cost 4-8% of a decoding step; on a GPU the whole cache (a CUDA graph replays
+    one shape)."""
+    return cache if slot.is_cuda else cache.narrow(int(slot) + 1)
 
 
 def _prompt_pass(graphs: CudaGraphs | None, lm, *inputs: torch.Tensor):

@@ -101,6 +101,10 @@ class KVCache:
         self.v[layer].index_copy_(2, pos, v)
         return self.k[layer], self.v[layer]
 
+    def narrow(self, width: int) -> "KVCache":
+        """A view of the first `width` positions (decoding on a CPU reads only what has been written)."""
+        return KVCache.of(self.k[:, :, :, :width], self.v[:, :, :, :width])
+
     def select(self, rows: torch.Tensor) -> "KVCache":
         """A new cache holding batch rows `rows` (one input's prefill shared by its beams)."""
         return KVCache.of(self.k.index_select(1, rows), self.v.index_select(1, rows))
@@ -115,6 +119,18 @@ class KVCache:
             for t in (self.k, self.v):
                 written = t.narrow(3, start, end - start)
                 written.index_copy_(1, moved, written.index_select(1, rows[moved]))
+
+
+class RowCache(KVCache):
+    """A KVCache whose rows are written at positions of their own (a continuous batch, where each
+    row is a sequence that started at another step): `update` takes one position per row."""
+
+    def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store one step's k, v [B, H, 1, D], row b at position pos[b]; return this layer's whole cache."""
+        rows, pos = torch.arange(k.shape[0], device=k.device), pos.view(-1)
+        self.k[layer][rows, :, pos] = k[:, :, 0]
+        self.v[layer][rows, :, pos] = v[:, :, 0]
+        return self.k[layer], self.v[layer]
 
 
 def linear_names(module: nn.Module, prefix: str) -> list[str]:

@@ -67,10 +67,12 @@ class T5Attention(nn.Module):
         return t.view(t.shape[0], t.shape[1], self.num_heads, self.d_kv).transpose(1, 2)
 
     def position_bias(self, query_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-        """[1, heads, len(query_pos), len(key_pos)] learned bias from bucketed relative positions."""
-        buckets = relative_position_bucket(key_pos[None, :] - query_pos[:, None], self.bidirectional,
+        """Learned bias from bucketed relative positions: [1, heads, q, k] for query_pos [q], or
+        [rows, heads, q, k] for query_pos [rows, q] (each row at a position of its own)."""
+        buckets = relative_position_bucket(key_pos - query_pos[..., None], self.bidirectional,
                                            self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]
+        bias = self.relative_attention_bias(buckets).movedim(-1, -3)
+        return bias if query_pos.dim() == 2 else bias[None]
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 cache: KVCache | None = None, layer: int = 0, cache_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,13 +241,14 @@ class T5ForConditionalGeneration(nn.Module):
         """Decoder hidden states for decoder_input_ids [B, T] at positions start..start+T-1, ready for lm_head.
 
         Without a cache, the ids are the whole decoder prefix; with one, earlier positions are read from
-        it. `start` may be a one-element tensor (a decoding step of one token, captured in a CUDA graph).
+        it. `start` may be a one-element tensor (a decoding step of one token, captured in a CUDA graph),
+        or [B, 1], each row's own position (a step of a continuous batch).
         """
         x = self.shared(decoder_input_ids)
         t = x.shape[1]
         qpos = start if isinstance(start, torch.Tensor) else torch.arange(start, start + t, device=x.device)
         kpos = torch.arange(cache.max_len if cache is not None else t, device=x.device)
-        self_bias = self.decoder.bias(qpos, kpos, (kpos[None, :] <= qpos[:, None])[None, None], x.dtype)
+        self_bias = self.decoder.bias(qpos, kpos, (kpos <= qpos[..., None]).unsqueeze(-3), x.dtype)
         cross_bias = torch.zeros_like(encoder_mask[:, None, None, :], dtype=x.dtype).masked_fill(
             ~encoder_mask.bool()[:, None, None, :], torch.finfo(x.dtype).min)
         for i, block in enumerate(self.decoder.block):
