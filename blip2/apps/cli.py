@@ -5,6 +5,7 @@
     blip2 chat photo.jpg
     blip2 info [--model DIR_OR_HUB_ID]
     blip2 quantize SRC DST --int4 [--no-vision]
+    blip2 serve [--model ...] [--port 8000] [--api-key KEY]
     blip2 bench run --model opt-2.7b [--compare transformers]
 """
 
@@ -134,6 +135,25 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import ServerSettings, serve
+    except ImportError as e:
+        raise RuntimeError(f"blip2 serve needs the server's packages ({e.name} is missing): "
+                           "pip install 'blip2[serve]'") from None
+    from ..inputs.urls import UrlPolicy
+
+    media = Path(args.allowed_local_media_path).expanduser().resolve() if args.allowed_local_media_path else None
+    if media is not None and not media.is_dir():
+        raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a directory")
+    settings = ServerSettings(model_name=args.served_model_name or args.model,
+                              api_key=args.api_key or os.environ.get("BLIP2_API_KEY") or None,
+                              max_rows=args.max_batch, max_queue=args.max_queue, request_timeout=args.request_timeout,
+                              urls=UrlPolicy(allow_private=args.allow_private_urls, allowed_local_path=media))
+    serve(_load(args), settings, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip2", description="BLIP-2 captioning, visual question answering and chat")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quantize by GPTQ on these images (files, directories, globs), not to nearest")
     p.add_argument("--device", default="cpu", help="where calibration runs (cpu, cuda)")
     p.set_defaults(run=_quantize)
+
+    p = sub.add_parser("serve", parents=[common], help="an OpenAI-compatible HTTP server with a web page")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", help="the model name clients give (default: --model)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ (or set BLIP2_API_KEY)")
+    p.add_argument("--max-batch", type=_positive, default=32,
+                   help="sequences decoded at once (a request takes n, or num_beams, of them; default 32)")
+    p.add_argument("--max-queue", type=_positive, default=256,
+                   help="requests waiting beyond the batch before new ones are refused with 429 (default 256)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="fetch image URLs on private, loopback and link-local addresses too")
+    p.add_argument("--allowed-local-media-path", metavar="DIR", help="serve file:// image URLs under DIR")
+    p.set_defaults(run=_serve)
 
     p = sub.add_parser("bench", add_help=False, help="the side-by-side benchmark against transformers "
                        "(blip2 bench --help; see BENCHMARKS.md)")

@@ -14,11 +14,8 @@ from __future__ import annotations
 import io
 import os
 import threading
-import urllib.error
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +23,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError, matches, read_settings
+from .errors import ImageError
+from .urls import UrlPolicy, fetch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
-
-
-class ImageError(ValueError):
-    """An input could not be turned into an image; the message names the input."""
 
 
 class ImageWarning(UserWarning):
@@ -52,48 +47,6 @@ def _describe(source: object) -> str:
     if isinstance(source, Image.Image):
         return f"<PIL image {source.mode} {source.size[0]}x{source.size[1]}>"
     return f"<{type(source).__name__}>"
-
-
-def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
-    """The body of `url`, within `timeout` seconds in all (connecting, redirects, headers and body,
-    like curl --max-time) and at most `max_bytes` bytes. The download runs on a thread of its own,
-    which this one waits for: a server that trickles a byte at a time, or sends headers forever,
-    cannot hold the caller (or Ctrl-C) past the deadline; the thread notices and stops at its next read."""
-    done = threading.Event()
-    result: list = []
-
-    def download() -> None:
-        try:
-            result.append(_download(url, timeout, max_bytes, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
-            result.append(e)
-        finally:
-            done.set()
-
-    threading.Thread(target=download, daemon=True, name="blip2-fetch").start()
-    if not done.wait(timeout):
-        done.set()  # tells the download to stop
-        raise ImageError(f"cannot fetch image {url!r}: no complete answer within timeout={timeout:g} s")
-    if isinstance(result[0], BaseException):
-        raise result[0]
-    return result[0]
-
-
-def _download(url: str, timeout: float, max_bytes: int, cancelled: threading.Event) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "blip2"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        declared = response.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise ImageError(f"image URL {url!r} is {int(declared)} bytes, more than max_bytes={max_bytes}")
-        data = bytearray()
-        while len(data) <= max_bytes and not cancelled.is_set():
-            chunk = response.read1(min(1 << 16, max_bytes + 1 - len(data)))
-            if not chunk:
-                break
-            data += chunk
-    if len(data) > max_bytes:
-        raise ImageError(f"image URL {url!r} sent more than max_bytes={max_bytes} bytes")
-    return bytes(data)
 
 
 def _array_to_uint8(a: np.ndarray) -> np.ndarray:
@@ -187,7 +140,8 @@ def _quietly(parse, *args, **kwargs) -> tuple:
     return result, str(complaints[0].message) if complaints else None
 
 
-def load_image(source: ImageSource, *, timeout: float = 30.0, max_bytes: int = 50_000_000) -> Image.Image:
+def load_image(source: ImageSource, *, timeout: float = 30.0, max_bytes: int = 50_000_000,
+               policy: UrlPolicy | None = None) -> Image.Image:
     """Open `source` as an RGB PIL image, decoded in full.
 
     `source` is a file path, an http(s) URL (fetched within `timeout` seconds in all and at most
@@ -196,11 +150,16 @@ def load_image(source: ImageSource, *, timeout: float = 30.0, max_bytes: int = 5
     orientation is applied: the one difference from the reference on ordinary photos. Raises
     `ImageError` naming the input on any failure, including truncated files and images over
     `PIL.Image.MAX_IMAGE_PIXELS` (decompression bombs).
+
+    `policy`, for strings from untrusted clients: every string is then a URL, fetched as `policy`
+    allows (its own timeout and max_bytes; a plain path is refused, a file:// URL read only under
+    its allowed_local_path).
     """
-    return _with_image(source, lambda rgb, given: rgb.copy() if rgb is given else rgb, timeout, max_bytes)
+    return _with_image(source, lambda rgb, given: rgb.copy() if rgb is given else rgb, timeout, max_bytes, policy)
 
 
-def _with_image(source: ImageSource, use, timeout: float = 30.0, max_bytes: int = 50_000_000):
+def _with_image(source: ImageSource, use, timeout: float = 30.0, max_bytes: int = 50_000_000,
+                policy: UrlPolicy | None = None):
     """use(rgb, given) for `source` as an RGB image (load_image's), while the file it came from is
     open; `given` is the PIL image opened or passed in, which `rgb` may be. Every error, `use`'s
     included, is an ImageError naming the source. Nothing is copied that `use` does not copy: the
@@ -213,8 +172,8 @@ def _with_image(source: ImageSource, use, timeout: float = 30.0, max_bytes: int 
             array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
             img = _from_array(array)
             return use(_decode(img, name), None)
-        if isinstance(source, str) and source.startswith(("http://", "https://")):
-            source = _fetch(source, timeout, max_bytes)
+        if isinstance(source, str) and (policy is not None or source.startswith(("http://", "https://"))):
+            source = fetch(source, policy or UrlPolicy(timeout=timeout, max_bytes=max_bytes))
         if isinstance(source, (bytes, bytearray)):
             source = io.BytesIO(source)
         elif isinstance(source, (str, os.PathLike)):
@@ -234,10 +193,6 @@ def _with_image(source: ImageSource, use, timeout: float = 30.0, max_bytes: int 
         raise ImageError(f"image {name} is too large (decompression bomb check): {e}") from None
     except UnidentifiedImageError:
         raise ImageError(f"not a readable image: {name}") from None
-    except (urllib.error.URLError, HTTPException, TimeoutError) as e:
-        if isinstance(e, urllib.error.HTTPError):
-            e.close()  # it holds the connection open
-        raise ImageError(f"cannot fetch image {name}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # noqa: BLE001 - no decoder's own exception may escape: one bad image is one error
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageError(f"cannot decode image {name}: {reason}") from None
