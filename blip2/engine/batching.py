@@ -3,9 +3,10 @@ one token per row per step. Requests join at step boundaries and leave as soon a
 short answer never waits for a long one.
 
 A request's images are encoded with those of the other requests that arrive at the same time (and
-not again when the same image comes back: chat turns, several questions). Its prompt pass runs
-alone, exactly as `Blip2.generate` runs it; its rows then move into a pool of decoding rows, each
-with a key/value cache written at a position of its own. Its tokens are chosen by its own Search
+not again when the same image comes back: chat turns, several questions). Its prompt pass runs as
+`Blip2.generate` runs it, together with those of requests whose prompts have its length (no
+padding); its rows then move into a pool of decoding rows, each with a key/value cache written at a
+position of its own. Its tokens are chosen by its own Search
 (generation.py), with its own random generator, from its own rows' logits: what else runs beside it
 changes only the rounding of the shared products, never which computation its numbers go through.
 """
@@ -23,7 +24,7 @@ import torch
 from ..models.layers import RowCache
 from ..models.t5 import T5ForConditionalGeneration
 from .generation import GenerationConfig, Hypothesis, SampleOrGreedy, Search
-from .sessions import OPTSession, T5Session, start
+from .sessions import OPTSession, T5Session, open_session, pad_token_id
 
 
 class QueueFull(RuntimeError):
@@ -136,15 +137,16 @@ class OPTPool(Pool):
     def _dtype(self, name):
         return {"k": self.dtype, "v": self.dtype, "valid": torch.bool}.get(name, torch.long)
 
-    def join(self, session: OPTSession, width: int) -> torch.Tensor:
-        """Move a prefilled session's rows (its prompt's keys and values) into the pool; their rows."""
+    def join(self, session: OPTSession, which: torch.Tensor, width: int) -> torch.Tensor:
+        """Move rows `which` of a prefilled session (their prompt's keys and values) into the pool;
+        their rows there."""
         n = session.prompt_slots
-        rows = self.take(session.valid.shape[0], width)
-        self.k[:, rows, :, :n] = session.cache.k[:, :, :, :n]
-        self.v[:, rows, :, :n] = session.cache.v[:, :, :, :n]
+        rows = self.take(len(which), width)
+        self.k[:, rows, :, :n] = session.cache.k[:, which, :, :n]
+        self.v[:, rows, :, :n] = session.cache.v[:, which, :, :n]
         self.valid[rows] = False
-        self.valid[rows, :n] = session.valid[:, :n]
-        self.next_pos[rows] = session.next_pos
+        self.valid[rows, :n] = session.valid[which, :n]
+        self.next_pos[rows] = session.next_pos[which]
         self.slot[rows] = n
         return rows
 
@@ -187,22 +189,22 @@ class T5Pool(Pool):
     def _dtype(self, name):
         return {"encoder_mask": torch.bool, "slot": torch.long, "encoded": torch.long}.get(name, self.dtype)
 
-    def join(self, session: T5Session, width: int) -> torch.Tensor:
-        """Move a session that has run its first step (encoder keys and values, the first decoder
-        position) into the pool; their rows."""
+    def join(self, session: T5Session, which: torch.Tensor, width: int) -> torch.Tensor:
+        """Move rows `which` of a session that has run its first step (encoder keys and values, the
+        first decoder position) into the pool; their rows there."""
         s = session.cross.k.shape[3]
         if s > self.encoder_width:
             self.encoder_width = s
             if self.k is not None:
                 self._grow(len(self.used), self.k.shape[3])
-        rows = self.take(session.cross.k.shape[1], width)
-        self.cross_k[:, rows, :, :s] = session.cross.k
-        self.cross_v[:, rows, :, :s] = session.cross.v
+        rows = self.take(len(which), width)
+        self.cross_k[:, rows, :, :s] = session.cross.k[:, which]
+        self.cross_v[:, rows, :, :s] = session.cross.v[:, which]
         self.encoder_mask[rows] = False
-        self.encoder_mask[rows, :s] = session.encoder_mask.bool()
+        self.encoder_mask[rows, :s] = session.encoder_mask[which].bool()
         self.encoded[rows] = s
-        self.k[:, rows, :, :1] = session.cache.k[:, :, :, :1]
-        self.v[:, rows, :, :1] = session.cache.v[:, :, :, :1]
+        self.k[:, rows, :, :1] = session.cache.k[:, which, :, :1]
+        self.v[:, rows, :, :1] = session.cache.v[:, which, :, :1]
         self.slot[rows] = 1
         return rows
 
@@ -320,34 +322,48 @@ class Engine:
                 r.emit("error", f"encoding the image failed: {type(e).__name__}: {e}")
             return
         self.images_encoded += len(batch)
-        for r, q in zip(batch, queries):
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(batch):
+            groups.setdefault((len(r.input_ids), r.copies, r.gen.max_new_tokens), []).append(i)
+        for members in groups.values():
+            group = [batch[i] for i in members]
             try:
-                self._join(r, q)
-            except Exception as e:  # noqa: BLE001
-                r.emit("error", f"generation failed: {type(e).__name__}: {e}")
-                if r.rows is not None:
-                    self.pool.release(r.rows)
+                self._join(group, queries[members])
+            except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
+                for r in group:
+                    if r in self.running:
+                        self._finish(r)
+                    elif r.rows is not None:
+                        self.pool.release(r.rows)
+                        r.rows = None
+                    r.emit("error", f"generation failed: {type(e).__name__}: {e}")
 
-    def _join(self, r: Request, queries: torch.Tensor) -> None:
-        device = self.blip2.device
-        ids = torch.tensor([r.input_ids], device=device)
-        session, r.search = start(self.blip2.model, queries[None], ids, None, r.gen)
-        tokens = r.search.advance(session.prefill())
-        if isinstance(session, T5Session):  # its prefill ran the first decoder step
-            width = r.gen.max_new_tokens + 1
-            r.first = 0
-        else:
-            width = session.prompt_slots + r.gen.max_new_tokens
-            r.first = session.prompt_slots
-        self._emit_tokens(r)
-        if tokens is None:
-            self._done(r)
-            return
-        if r.search.reorder is not None:
-            session.reorder(r.search.reorder)
-        r.rows = self.pool.join(session, width)
-        r.next = tokens
-        self.running.append(r)
+    def _join(self, group: list[Request], queries: torch.Tensor) -> None:
+        """One prompt pass for requests whose prompts have the same length and that ask for as many
+        sequences and new tokens (so no row is padded: each computes what it computes alone), then
+        their rows into the pool."""
+        first = group[0]
+        copies, max_new = first.copies, first.gen.max_new_tokens
+        model = self.blip2.model
+        ids = torch.tensor([r.input_ids for r in group], device=self.blip2.device)
+        session, history, ignore = open_session(model, queries, ids, None, copies, max_new)
+        logits = session.prefill()
+        t5 = isinstance(session, T5Session)  # its prefill ran the first decoder step
+        width = max_new + 1 if t5 else session.prompt_slots + max_new
+        for i, r in enumerate(group):
+            which = torch.arange(i * copies, (i + 1) * copies, device=ids.device)
+            r.search = Search.start(r.gen, history[i:i + 1], model.config.eos_token_ids, pad_token_id(model),
+                                    None if ignore is None else ignore[i:i + 1])
+            r.first = 0 if t5 else session.prompt_slots
+            r.next = r.search.advance(logits[which])
+            self._emit_tokens(r)
+            if r.next is None:
+                self._done(r)
+                continue
+            r.rows = self.pool.join(session, which, width)
+            if r.search.reorder is not None:
+                self.pool.reorder(r.rows, r.search.reorder, r.first, int(self.pool.slot[r.rows[0]]))
+            self.running.append(r)
 
     def _step(self) -> None:
         pool = self.pool

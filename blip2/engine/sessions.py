@@ -25,25 +25,36 @@ def generate(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, 
 
 def start(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
           gen: GenerationConfig, graphs: CudaGraphs | None = None) -> tuple[OPTSession | T5Session, Search]:
-    """A decoding session over these inputs (rows repeated for beams or samples; nothing computed
-    yet) and the search that chooses its tokens."""
+    """A decoding session over these inputs (nothing computed yet) and the search that chooses its tokens."""
+    copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
+    session, history, ignore = open_session(model, queries, input_ids, attention_mask, copies, gen.max_new_tokens,
+                                            graphs)
+    return session, Search.start(gen, history, model.config.eos_token_ids, pad_token_id(model), ignore)
+
+
+def open_session(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None, copies: int, max_new_tokens: int,
+                 graphs: CudaGraphs | None = None):
+    """A session whose rows are the inputs repeated `copies` times each, and what a Search over it
+    needs: the ids the reference's processors see (its input_ids for OPT, the decoder start token for
+    T5), and for OPT the leading padding its repetition penalty skips (else None)."""
     cfg = model.config
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     embeds, mask = model.embed_inputs(queries, input_ids, attention_mask)
-    copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
     lm = model.language_model
     if cfg.is_encoder_decoder:
-        session = T5Session(lm, embeds, mask, copies, gen.max_new_tokens, graphs)
+        session = T5Session(lm, embeds, mask, copies, max_new_tokens, graphs)
         history = torch.full((input_ids.shape[0], 1), cfg.text.decoder_start_token_id, device=input_ids.device)
-        ignore = None
-    else:
-        session = OPTSession(lm, embeds, mask, copies, gen.max_new_tokens, graphs)
-        # The reference's processors see its input_ids; its repetition penalty skips leading padding.
-        history = input_ids
-        ignore = attention_mask.cumsum(1) == 0
-    pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else cfg.eos_token_ids[0]
-    return session, Search.start(gen, history, cfg.eos_token_ids, pad, ignore)
+        return session, history, None
+    session = OPTSession(lm, embeds, mask, copies, max_new_tokens, graphs)
+    return session, input_ids, attention_mask.cumsum(1) == 0
+
+
+def pad_token_id(model: Blip2Model) -> int:
+    """What fills a finished row's place in a batch (the reference's pad token)."""
+    text = model.config.text
+    return text.pad_token_id if text.pad_token_id is not None else model.config.eos_token_ids[0]
 
 
 class OPTSession(GraphedSteps):
