@@ -182,3 +182,26 @@ def test_vllm_runs_in_an_interpreter_of_its_own(tmp_path):
     assert vllm_version(str(tmp_path / "missing")) is None
     result = run_worker({"system": "vllm"}, python=str(fake))
     assert result["system"] == "vllm" and result["load_s"] == 1.5
+
+
+def test_serve_benchmark_measures_a_server_it_starts(tmp_path, ckpt_root):
+    """`blip2 bench serve` starts `blip2 serve` on a tiny checkpoint, streams every request to its end
+    and counts the server's tokens: each request generates exactly --max-tokens."""
+    pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from checkpoints import full_checkpoint
+
+    path, _ = full_checkpoint(ckpt_root / "bench-serve", "t5", seed=62)
+    json_path = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "blip2.apps.cli", "bench", "serve", "--model", str(path),
+                           "--dir", str(tmp_path), "--clients", "1,4", "--requests", "4", "--max-tokens", "5",
+                           "--json", str(json_path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| clients | requests | requests/s |" in proc.stdout
+    levels = json.loads(json_path.read_text())["levels"]
+    assert [level["clients"] for level in levels] == [1, 4]
+    for level in levels:
+        assert level["requests"] == 4 and level["errors"] == 0 and level["requests_per_s"] > 0
+        assert level["tokens"] == level["requests"] * 5
+        assert all(r["tokens"] == 5 and 0 < r["ttft_s"] <= r["latency_s"] for r in level["results"])

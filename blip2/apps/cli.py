@@ -27,7 +27,12 @@ from ..hub import DEFAULT_MODEL, resolve
 from ..inputs.images import ImageWarning, load_image
 from ..quant.formats import GROUP_SIZE, Quantization
 from ..quant.linear import QuantizedLinear
+from ..data.job import Task, run as run_job
+from ..data.outputs import open_output
+from ..data.sources import LIST_SUFFIXES, TABLE_SUFFIXES, in_shard, list_items
 from .caption_job import caption_files, expand_images
+
+DATASET_SUFFIXES = LIST_SUFFIXES | TABLE_SUFFIXES | {".tar"}
 from .chat import chat_loop
 from .quantize_job import quantize_checkpoint
 
@@ -57,6 +62,8 @@ def _load(args: argparse.Namespace):
 
 
 def _caption(args: argparse.Namespace) -> int:
+    if _dataset_job(args):
+        return _caption_dataset(args)
     paths, errors = expand_images(args.images)
     for e in errors:
         _err(e)
@@ -66,6 +73,46 @@ def _caption(args: argparse.Namespace) -> int:
     settings = _generation(args)
     _, failed = caption_files(_load(args), paths, args.prompt, settings, batch_size=args.batch_size, as_json=args.json,
                               report=_err, failed_before=len(errors))
+    return 1 if failed else 0
+
+
+def _dataset_job(args: argparse.Namespace) -> bool:
+    """Whether `caption` runs as a dataset job (records, resume, shards) rather than its simple form."""
+    flags = (args.output, args.sidecar, args.ray, args.question, args.shard, args.column, args.format)
+    return (any(f is not None for f in flags) or args.recursive or args.num_captions > 1
+            or any(Path(a).suffix.lower() in DATASET_SUFFIXES and Path(a).is_file() for a in args.images))
+
+
+def _caption_dataset(args: argparse.Namespace) -> int:
+    task = Task(args.prompt, tuple(args.question or ()), args.num_captions, _generation(args))
+    task.check()
+    shard = args.shard or (0, 1)
+    items, errors = list_items(args.images, recursive=args.recursive, column=args.column)
+    for e in errors:
+        _err(e)
+    if not items:
+        _err("no images to caption")
+        return 1
+    mine = [it for it in items if in_shard(it, *shard)]
+    output = open_output(args.output, args.format, args.sidecar, overwrite=args.overwrite,
+                         tag=f"s{shard[0]:03d}of{shard[1]:03d}", per_part=args.per_part, seconds=args.commit_seconds)
+    try:
+        if args.ray is not None:
+            from ..data.ray import run as run_ray
+
+            load_kwargs = dict(model=args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+            answered, failed, skipped = run_ray(
+                mine, output, task, load_kwargs=load_kwargs, address=None if args.ray == "local" else args.ray,
+                actors=args.ray_actors, batch_size=args.batch_size,
+                gpus_per_actor=1 if (args.device or "").startswith("cuda") else 0, report=_err)
+        else:
+            answered, failed, skipped = run_job(_load(args), mine, output, task, model_name=args.model,
+                                                batch_size=args.batch_size, report=_err)
+    finally:
+        output.close()
+    failed += len(errors)
+    already = f", {skipped} already done" if skipped else ""
+    print(f"blip2: {answered} captioned, {failed} failed{already}", file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
@@ -186,6 +233,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--batch-size", type=_positive, default=8, help="images per batch (default 8)")
     p.add_argument("--json", action="store_true", help="one JSON object per image: path, caption, seconds")
+    d = p.add_argument_group("dataset jobs (docs/datasets.md)")
+    d.add_argument("--output", help="records to OUT.jsonl, OUT.parquet/ (parts) or DIR/ (WebDataset shards); "
+                   "running the same command again finishes a job that was stopped")
+    d.add_argument("--format", choices=["jsonl", "parquet", "webdataset"], help="when --output's name does not say")
+    d.add_argument("--sidecar", metavar="SUFFIX", help="write each caption beside its image (photo.jpg -> photo.txt "
+                   "for --sidecar .txt); images that have one are skipped")
+    d.add_argument("--overwrite", action="store_true", help="start over: replace what --output or --sidecar holds")
+    d.add_argument("--recursive", action="store_true", help="directories: their subdirectories too")
+    d.add_argument("--column", help="tables (.csv, .tsv, .jsonl, .parquet): the column of paths or URLs")
+    d.add_argument("--question", action="append", help="answer this question about each image (repeatable)")
+    d.add_argument("--num-captions", type=_positive, default=1, help="captions per image, sampled")
+    d.add_argument("--shard", type=_shard, help="I/N: only this shard of the collection (0-based), for N "
+                   "processes or machines that share no state")
+    d.add_argument("--per-part", type=_positive, default=1000,
+                   help="records per Parquet part or WebDataset shard (default 1000)")
+    d.add_argument("--commit-seconds", type=float, default=60.0,
+                   help="commit a part at least this often, so a stopped job loses at most this much (default 60)")
+    d.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run on a Ray cluster (ADDRESS, else RAY_ADDRESS, else a local one)")
+    d.add_argument("--ray-actors", type=_positive, default=1, help="model replicas on the cluster (default 1)")
     p.set_defaults(run=_caption)
 
     p = sub.add_parser("ask", parents=[common, gen], help="answer a question about an image")
@@ -268,6 +335,16 @@ def _warnings_as_lines():
         yield
     finally:
         warnings.showwarning = shown
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        i, n = -1, 0
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"must be I/N with 0 <= I < N, got {text!r}")
+    return i, n
 
 
 def _positive(text: str) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .images import ImageError, ImageProcessor, ImageSource, _with_image
+from .images import ImageError, ImageProcessor, ImageSource, Resized, _with_image
 
 # Files, URLs and encoded bytes are cheap to send to a worker process; decoded images are not.
 _SENDABLE = (str, os.PathLike, bytes, bytearray)
@@ -100,6 +100,11 @@ class ImageStream:
 
 
 def _resized_or_error(processor: ImageProcessor, image: ImageSource) -> torch.Tensor | ImageError:
+    if isinstance(image, Resized):
+        if image.pixels.shape != (3, processor.size, processor.size) or image.pixels.dtype != torch.uint8:
+            return ImageError(f"a Resized image must be uint8 [3, {processor.size}, {processor.size}], "
+                              f"got {image.pixels.dtype} {list(image.pixels.shape)}")
+        return image.pixels
     try:
         return _with_image(image, lambda rgb, _: processor.resized(rgb))
     except ImageError as e:

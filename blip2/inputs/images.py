@@ -29,7 +29,17 @@ from .urls import UrlPolicy, fetch
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Resized:
+    """An image already decoded and resized by this model's processor: [3, size, size] uint8, used
+    as it is (a dataset job prepares the next batch's images while the model answers this one)."""
+
+    pixels: torch.Tensor
+
+
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray | torch.Tensor | Resized
 
 
 class ImageWarning(UserWarning):

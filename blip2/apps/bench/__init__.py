@@ -11,6 +11,7 @@ give the floor each figure cannot beat. Results: a Markdown table on stdout, pro
     blip2 bench run --model opt-2.7b --quick       # a small config, once each: for CI
     blip2 bench make --model flan-t5-xl            # only write the checkpoint
     blip2 bench load --model opt-2.7b              # only cold load time and memory
+    blip2 bench serve --model opt-2.7b --clients 1,8,32,64   # `blip2 serve` under concurrent clients
 
 transformers is the oracle for key names and shapes and a competitor: it is imported inside functions
 or in the child processes, never by this module. The children run this file by path (not as part of
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from . import serve as serve_bench
 from .checkpoints import CONFIGS, PROMPT, make_random_checkpoint, write_images
 from .machine import cpu_seconds, floors, machine, measure_ceilings, stored_shapes, work
 from .worker import SYSTEMS
@@ -280,8 +282,12 @@ def main(argv: list[str] | None = None, prog: str = "blip2 bench") -> int:
             p.add_argument("--json", type=Path, default=None, help="also save the raw results here")
             p.add_argument("--vllm-python", default=None,
                            help="for --compare vllm: the interpreter of a venv with vLLM (which pins its own torch)")
+    serve_bench.add_arguments(sub.add_parser("serve", help="blip2 serve (or any OpenAI-compatible server) under "
+                                             "concurrent streaming clients"))
     args = parser.parse_args(argv)
     root = args.dir.expanduser() if args.dir else _default_dir()
+    if args.command == "serve":
+        return serve_bench.main(args, root)
     if args.command == "make":
         print(make_random_checkpoint(args.model, root / (f"{args.model}-quick" if args.quick else args.model),
                                      quick=args.quick))
