@@ -2,61 +2,20 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import stat
 import sys
 import time
-from pathlib import Path
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".ppm"}
+from ..data.sources import list_items
 
 
 def expand_images(args: list[str]) -> tuple[list[str], list[str]]:
-    """Files, directories (their image files, sorted) and glob patterns to a list of inputs, each file
-    once; also the errors for arguments that name nothing. `**` matches directories at any depth
-    without following links to directories, so a link to a parent cannot make the walk endless."""
-    found: dict[str, None] = {}  # insertion-ordered, for duplicates
-    seen: set[str] = set()  # real paths of the files found
-    errors = []
-
-    def add(path: str) -> None:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            found[path] = None
-
-    for arg in args:
-        if arg.startswith(("http://", "https://")):
-            found[arg] = None
-        elif Path(arg).is_dir():
-            files = sorted(str(p) for p in Path(arg).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            for f in files:
-                add(f)
-            if not files:
-                errors.append(f"{arg}: directory has no image files")
-        elif glob.has_magic(arg) and not Path(arg).exists():
-            matches = _glob(arg)
-            for f in matches:
-                add(f)
-            if not matches:
-                errors.append(f"{arg}: no file matches")
-        else:
-            add(arg)  # a missing file is reported by the image loader, per image
-    return list(found), errors
-
-
-def _glob(pattern: str) -> list[str]:
-    """The files matching `pattern`, sorted; pathlib's `**` does not follow links to directories."""
-    parts = Path(pattern).parts
-    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
-    root = Path(*parts[:fixed]) if fixed else Path(".")
-    rest = str(Path(*parts[fixed:]))
-    hidden = any(part.startswith(".") for part in parts[fixed:])  # as glob: hidden names only when asked for
-    matches = (p for p in root.glob(rest)
-               if p.is_file() and (hidden or not any(q.startswith(".") for q in p.relative_to(root).parts)))
-    return sorted(str(p) for p in matches)
+    """Files, directories (their image files, sorted), glob patterns, URLs and list files to a list of
+    inputs, each file once; also the errors for arguments that name nothing (see list_items)."""
+    items, errors = list_items(args)
+    return [item.source for item in items], errors
 
 
 class Progress:
