@@ -144,9 +144,9 @@ class T5Session(GraphedSteps):
 
 
 def _written(cache: KVCache, slot: torch.Tensor) -> KVCache:
-    """The cache up to the position being written, on a CPU, where attention over the whole
-    preallocated cache cost 4-8% of a decoding step; on a GPU the whole cache (a CUDA graph replays
-    one shape)."""
+    """The cache up to the position being written, on a CPU, so attention reads no unwritten
+    positions (and a continuous batch's rows read what they would read alone); on a GPU the whole
+    cache (a CUDA graph replays one shape)."""
     return cache if slot.is_cuda else cache.narrow(int(slot) + 1)
 
 
