@@ -205,3 +205,29 @@ def test_serve_benchmark_measures_a_server_it_starts(tmp_path, ckpt_root):
         assert level["requests"] == 4 and level["errors"] == 0 and level["requests_per_s"] > 0
         assert level["tokens"] == level["requests"] * 5
         assert all(r["tokens"] == 5 and 0 < r["ttft_s"] <= r["latency_s"] for r in level["results"])
+
+
+def test_caption_benchmark_runs_the_dataset_job_and_transformers_on_the_same_files(tmp_path, ckpt_root):
+    """`blip2 bench caption`: our dataset job and a batched transformers loop caption the same JPEG
+    files of mixed sizes, and write the same caption for each."""
+    from checkpoints import full_checkpoint
+
+    # Seed 64: a tiny model whose captions differ between these images (with 63 every image gets the
+    # same one), so that a caption matched to the wrong image shows.
+    path, _ = full_checkpoint(ckpt_root / "bench-caption", "opt", seed=64)
+    json_path = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "blip2.apps.cli", "bench", "caption", "--model", str(path),
+                           "--images", "6", "--batch-size", "3", "--max-tokens", "4", "--compare", "transformers",
+                           "--dir", str(tmp_path), "--json", str(json_path)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| ours/transformers |" in proc.stdout
+    systems = json.loads(json_path.read_text())["systems"]
+    assert set(systems) == {"ours", "transformers"}
+    for r in systems.values():
+        assert r["ips"] > 0 and r["ips_with_load"] > 0 and r["load_s"] >= 0 and r["peak_rss_gb"] > 0
+    records = [json.loads(line) for line in Path(systems["ours"]["captions"]).read_text().splitlines()]
+    ours = {r["source"]: r["caption"].strip() for r in records}
+    theirs = {p: text.strip() for p, text in json.loads(Path(systems["transformers"]["captions"]).read_text()).items()}
+    assert len(ours) == 6 and ours == theirs
+    assert len(set(ours.values())) > 1

@@ -12,6 +12,7 @@ give the floor each figure cannot beat. Results: a Markdown table on stdout, pro
     blip2 bench make --model flan-t5-xl            # only write the checkpoint
     blip2 bench load --model opt-2.7b              # only cold load time and memory
     blip2 bench serve --model opt-2.7b --clients 1,8,32,64   # `blip2 serve` under concurrent clients
+    blip2 bench caption --model opt-2.7b --images 64 --compare transformers   # the dataset job
 
 transformers is the oracle for key names and shapes and a competitor: it is imported inside functions
 or in the child processes, never by this module. The children run this file by path (not as part of
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from . import dataset as dataset_bench
 from . import serve as serve_bench
 from .checkpoints import CONFIGS, PROMPT, make_random_checkpoint, write_images
 from .machine import cpu_seconds, floors, machine, measure_ceilings, stored_shapes, work
@@ -284,10 +286,14 @@ def main(argv: list[str] | None = None, prog: str = "blip2 bench") -> int:
                            help="for --compare vllm: the interpreter of a venv with vLLM (which pins its own torch)")
     serve_bench.add_arguments(sub.add_parser("serve", help="blip2 serve (or any OpenAI-compatible server) under "
                                              "concurrent streaming clients"))
+    dataset_bench.add_arguments(sub.add_parser("caption", help="the dataset job (blip2 caption DIR --output ...) "
+                                               "on mixed-size JPEG files"))
     args = parser.parse_args(argv)
     root = args.dir.expanduser() if args.dir else _default_dir()
     if args.command == "serve":
         return serve_bench.main(args, root)
+    if args.command == "caption":
+        return dataset_bench.main(args, root)
     if args.command == "make":
         print(make_random_checkpoint(args.model, root / (f"{args.model}-quick" if args.quick else args.model),
                                      quick=args.quick))
