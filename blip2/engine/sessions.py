@@ -145,7 +145,8 @@ class T5Session(GraphedSteps):
 
 def _written(cache: KVCache, slot: torch.Tensor) -> KVCache:
     """The cache up to the position being written, on a CPU, so attention reads no unwritten
-    positions (and a continuous batch's rows read what they would read alone); on a GPU the whole
+    positions (a step early in a 256-token allocation: 6% faster for OPT-2.7b, 10% for Flan-T5-XL,
+    docs/log.md) and a continuous batch's rows read what they would read alone; on a GPU the whole
     cache (a CUDA graph replays one shape)."""
     return cache if slot.is_cuda else cache.narrow(int(slot) + 1)
 
