@@ -13,6 +13,7 @@ from torch import nn
 import blip2
 import blip2.engine.dtypes as dtypes
 from blip2.apps.cli import main
+from blip2.quant import cpu_kernels
 from blip2.quant.packed import PackedLinear
 from blip2.quant.formats import MODES, Quantization, dequantize_weight, quantize_weight
 from blip2.quant.linear import QuantizedEmbedding, QuantizedLinear
@@ -128,6 +129,13 @@ def test_quantized_logits_close_to_float32(quant_ckpt, float32_logits, mode):
     else:  # Flan-T5's head is its own, int8 in both modes like the embedding
         assert type(lm_model.lm_head) is QuantizedLinear and lm_model.lm_head.q.mode == "int8"
     assert type(m.language_projection) is nn.Linear
+    vision = [x for x in m.vision_model.modules() if isinstance(x, QuantizedLinear)]
+    if mode == "int8" and cpu_kernels.dynamic_library() is not None:
+        # On int8 vector units the vision encoder quantizes its activations too; the test images'
+        # few patches take that path as an image's 257 do
+        assert {x.many_rows for x in vision} == {"cpu_int8_dynamic"}
+        for x in vision:
+            x.many_from = 1
     logits = _teacher_forced(model, lm, cfg)
     assert logits.shape[0] >= 256
     error = rel_err(logits, reference)
@@ -416,6 +424,33 @@ def test_many_rows_path_equals_the_kernel_row_by_row(mode, out_features, dtype, 
     x = torch.randn(layer.many_from + 8, 2048).to(dtype)
     rowwise = torch.cat([layer(x[i:i + 4]) for i in range(0, len(x), 4)])
     assert rel_err(layer(x).float(), rowwise.float()) < 0.01
+
+
+@pytest.mark.skipif(cpu_kernels.dynamic_library() is None, reason="needs int8 vector units (AVX-512 VNNI or AMX)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dynamic_int8_activations_close_to_the_weight_only_product(dtype):
+    # The vision encoder's many-row path quantizes each row of activations to int8; against the
+    # weight-only kernel on the same rows it may differ by that rounding only: about 1% on Gaussian
+    # rows; more on a row whose one large value sets its scale (what outlier features would do).
+    layer = QuantizedLinear(2048, 96 * 16, True, Quantization("int8"), dtype)
+    layer.dynamic_activations = True
+    layer.load_parameter("weight", torch.randn(96 * 16, 2048) * 0.02)
+    layer.load_parameter("bias", torch.randn(96 * 16))
+    assert layer.many_rows == "cpu_int8_dynamic"
+    x = torch.randn(layer.many_from + 40, 2048)
+    x[3, 17] = 100.0
+    x = x.to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    rowwise = torch.cat([layer(x[i:i + 4]) for i in range(0, len(x), 4)])
+    others = torch.arange(len(x)) != 3
+    assert rel_err(y[others].float(), rowwise[others].float()) < 0.015
+    # the row with an outlier: its other values rounded in steps of 100/127, as per-row int8 must
+    assert rel_err(y[3:4].float(), rowwise[3:4].float()) < 0.15
+    no_bias = QuantizedLinear(2048, 96 * 16, False, Quantization("int8"), dtype)
+    no_bias.dynamic_activations = True
+    no_bias.load_parameter("weight", layer.weight.float() * layer.scales.float()[:, None])
+    assert rel_err(no_bias(x)[others].float() + layer.bias.float(), y[others].float()) < 0.02
 
 
 @pytest.mark.parametrize("rows", [16, 48, 96, 2112, 3072 + 32])

@@ -79,8 +79,8 @@ def preferred() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX2" and library() is not None
 
 
-def _compiled(name: str) -> Path:
-    """The shared library `name`, compiled from SOURCE unless a cache directory already holds it."""
+def _compiled(name: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """The shared library `name`, compiled from `source` unless a cache directory already holds it."""
     for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "blip2-kernels"):
         path = directory / name
         if path.exists():
@@ -94,7 +94,7 @@ def _compiled(name: str) -> Path:
             raise RuntimeError("no C++ compiler found (g++, c++ or $CXX)")
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             out = Path(tmp) / name
-            run = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=300)
+            run = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True, text=True, timeout=300)
             if run.returncode:
                 raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-2000:]}")
             os.replace(out, path)  # atomic: another process may be compiling the same
@@ -125,3 +125,62 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
                                y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("blip2_int4_mm: out of memory")
     return y
+
+
+# Dynamic int8 activations (csrc/dynamic_int8.cpp): where the CPU multiplies int8 in its vector units
+# (AVX-512 VNNI, AMX), an int8 layer's many-row products (image patches, prompts) quantize each row of
+# activations by its largest magnitude and multiply integers (torch._int_mm): 1.4-2x faster than the
+# weight widened to bfloat16 on the vision encoder's shapes, including both passes (docs/log.md).
+DYNAMIC_SOURCE = Path(__file__).with_name("csrc") / "dynamic_int8.cpp"
+DYNAMIC_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fno-math-errno", "-fopenmp", "-shared",
+                 "-fPIC")
+
+
+def int8_units() -> bool:
+    """Whether this CPU multiplies int8 vectors natively (AVX-512 VNNI or AMX) and torch uses AVX-512."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "amx_int8" in flags
+
+
+@functools.cache
+def dynamic_library() -> ctypes.CDLL | None:
+    """The dynamic-activation passes, or None where they do not pay or cannot be built."""
+    if not int8_units():
+        return None
+    key = hashlib.sha256((DYNAMIC_SOURCE.read_text() + " ".join(DYNAMIC_FLAGS) + torch.__version__).encode()).hexdigest()[:16]
+    try:
+        lib = ctypes.CDLL(str(_compiled(f"dynamic_int8-{key}.so", DYNAMIC_SOURCE, DYNAMIC_FLAGS)))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("int8 layers widen their weights for many rows: the dynamic int8 passes could not be built: %s", e)
+        return None
+    ptr = ctypes.c_void_p
+    lib.blip2_quantize_rows.argtypes = [ptr, ctypes.c_int, _INT, _INT, ptr, ptr, ctypes.c_int]
+    lib.blip2_quantize_rows.restype = None
+    lib.blip2_scale_rows.argtypes = [ptr, _INT, _INT, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    lib.blip2_scale_rows.restype = None
+    return lib
+
+
+def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] (bfloat16 or float32) times an int8 weight [N, K] with float32 row scales, plus a
+    float32 bias: each row of x quantized to int8 by its largest magnitude, the products summed in
+    int32, scaled back and rounded to out_dtype (bfloat16 or float32) in one pass."""
+    lib, threads = dynamic_library(), torch.get_num_threads()
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    q = torch.empty(m, k, dtype=torch.int8)
+    row_scales = torch.empty(m, dtype=torch.float32)
+    lib.blip2_quantize_rows(x.data_ptr(), x.dtype == torch.bfloat16, m, k, q.data_ptr(), row_scales.data_ptr(), threads)
+    products = torch._int_mm(q, weight.t())
+    out = torch.empty(m, n, dtype=out_dtype)
+    lib.blip2_scale_rows(products.data_ptr(), m, n, row_scales.data_ptr(), scales.data_ptr(),
+                         None if bias is None else bias.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16, threads)
+    return out
