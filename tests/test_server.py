@@ -346,6 +346,29 @@ def test_client_that_leaves_frees_its_rows(t5_model):
         assert engine.steps < 1500
 
 
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(opt_model, monkeypatch):
+    with running_app(opt_model) as (base, app):
+        engine = app.state.engine
+        step = type(engine.pool).step
+        calls = []
+
+        def failing(self, tokens, live):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("out of memory (simulated)")
+            return step(self, tokens, live)
+
+        monkeypatch.setattr(type(engine.pool), "step", failing)
+        status, answer, _ = post(base, body(data_url(png(12)), temperature=0, max_tokens=5, min_tokens=5))
+        assert status == 500 and "out of memory (simulated)" in answer["error"]["message"]
+        assert answer["error"]["type"] == "server_error"
+        status, answer, _ = post(base, body(data_url(png(12)), temperature=0, max_tokens=5))
+        expected = opt_model.chat(png(12), [{"role": "user", "content": "what is it?"}], num_beams=1, max_new_tokens=5)
+        assert status == 200 and answer["choices"][0]["message"]["content"] == expected
+        with urllib.request.urlopen(f"{base}/health") as r:
+            assert r.status == 200
+
+
 def test_sigterm_finishes_running_answers(ckpt_root):
     path, _ = full_checkpoint(ckpt_root / "serve-term", "t5", seed=59)
     port = free_port()

@@ -283,7 +283,10 @@ class Engine:
                     self._forget_cancelled()
                     self._admit()
                     if self.running:
-                        self._step()
+                        try:
+                            self._step()
+                        except Exception as e:  # noqa: BLE001 - those requests fail, the engine goes on
+                            self._fail_running(e)
         except BaseException as e:  # noqa: BLE001 - reported to every request and through `alive`
             self.error = e
             raise
@@ -296,6 +299,16 @@ class Engine:
                 if not r.cancelled:
                     r.emit("error", "the server is shutting down" if self.error is None else
                            f"the engine stopped: {type(self.error).__name__}: {self.error}")
+
+    def _fail_running(self, error: Exception) -> None:
+        """A step failed (out of memory, a bug): every running request gets the error, and decoding
+        starts again from an empty pool, whose state the failed step may have left half written."""
+        for r in self.running:
+            r.rows = None
+            if not r.cancelled:
+                r.emit("error", f"generation failed: {type(error).__name__}: {error}")
+        self.running = []
+        self.pool = type(self.pool)(self.pool.lm, self.pool.dtype, self.pool.device)
 
     def _forget_cancelled(self) -> None:
         with self._wake:
