@@ -153,6 +153,26 @@ def test_vision_encoder_can_stay_unquantized(quant_ckpt):
     assert model.dtype == dtypes.auto_dtype(torch.device("cpu"))  # quantizing defaults to dtype="auto"
 
 
+def test_vision_side_alone_can_be_quantized(quant_ckpt, float32_logits, tmp_path):
+    # The language model stays in dtype (packed, exact); the vision encoder and Q-Former are int8,
+    # on int8 vector units with int8 activations; the logits stay within int8's target. A checkpoint
+    # written so loads as it was written.
+    lm, path, cfg = quant_ckpt
+    model = blip2.load(path, dtype="bfloat16", quantize="int8", quantize_language=False)
+    m = model.model
+    assert not [x for x in m.language_model.modules() if isinstance(x, (QuantizedLinear, QuantizedEmbedding))]
+    assert [x for x in m.vision_model.modules() if isinstance(x, QuantizedLinear)]
+    assert [x for x in m.qformer.modules() if isinstance(x, QuantizedLinear)]
+    assert rel_err(_teacher_forced(model, lm, cfg), float32_logits) <= TARGETS[lm, "int8"]
+    assert main(["quantize", str(path), str(tmp_path / "q"), "--int8", "--no-language"]) == 0
+    again = blip2.load(tmp_path / "q", dtype="bfloat16")
+    assert again.quantization == Quantization("int8", language=False)
+    assert not [x for x in again.model.language_model.modules() if isinstance(x, QuantizedLinear)]
+    assert torch.equal(_teacher_forced(again, lm, cfg), _teacher_forced(model, lm, cfg))
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        blip2.load(path, quantize="int8", quantize_vision=False, quantize_language=False)
+
+
 def test_layers_the_kernels_cannot_take_stay_float(ckpt_root):
     # Default tiny widths: in_features 48 fits int8 (multiple of 16), 60 and 40 do not.
     cfg = tiny_config("opt")

@@ -55,7 +55,8 @@ def _generation(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model = load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                 quantize_vision=not args.no_quantize_vision, force_float16=args.force_float16)
+                 quantize_vision=not args.no_quantize_vision, quantize_language=not args.no_quantize_language,
+                 force_float16=args.force_float16)
     q = f", {model.quantization.mode}" if model.quantization else ""
     print(f"loaded in {model.load_seconds:.1f} s ({model.dtype}{q}, {model.device})", file=sys.stderr, flush=True)
     return model
@@ -144,8 +145,9 @@ def _info(args: argparse.Namespace) -> int:
     if model.quantization:
         q = model.quantization
         group = f", groups of {q.group_size}" if q.mode == "int4" else ""
-        print(f"quantization: {q.mode}{group}, {len(quantized)} layers (language model"
-              f"{', vision encoder, Q-Former' if q.vision else ''}; the token embedding and output head in int8)")
+        parts = [p for p, on in (("language model", q.language), ("vision encoder, Q-Former", q.vision)) if on]
+        head = "; the token embedding and output head in int8" if q.language else ""
+        print(f"quantization: {q.mode}{group}, {len(quantized)} layers ({', '.join(parts)}{head})")
     print(f"image size: {cfg.vision.image_size}, query tokens: {cfg.num_query_tokens}, "
           f"image token: {cfg.image_token_index}, end of sequence: {cfg.eos_token_ids}")
     print(f"dtype: {model.dtype}, device: {model.device}, loaded in {model.load_seconds:.2f} s")
@@ -160,7 +162,8 @@ class _Stderr(logging.Handler):
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    q = Quantization(args.mode, GROUP_SIZE if args.group_size is None else args.group_size, vision=not args.no_vision)
+    q = Quantization(args.mode, GROUP_SIZE if args.group_size is None else args.group_size, vision=not args.no_vision,
+                     language=not args.no_language)
     if args.calibrate:
         parse_device(args.device)
     images, errors = expand_images(args.calibrate or [])
@@ -213,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quantize", choices=["int8", "int4"],
                         help="weight-only quantization of the language model and vision encoder, while loading")
     common.add_argument("--no-quantize-vision", action="store_true", help="with --quantize: keep the vision encoder in --dtype")
+    common.add_argument("--no-quantize-language", action="store_true",
+                        help="with --quantize: keep the language model in --dtype (int8: faster image batches)")
     common.add_argument("--force-float16", action="store_true",
                         help="run Flan-T5 in float16 although it overflows (with the reference's guards)")
     gen = argparse.ArgumentParser(add_help=False)
@@ -275,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--int4", dest="mode", action="store_const", const="int4", help="int4, a scale and zero per group")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 or 128 (default)")
     p.add_argument("--no-vision", action="store_true", help="keep the vision encoder unquantized")
+    p.add_argument("--no-language", action="store_true", help="keep the language model unquantized")
     p.add_argument("--calibrate", nargs="+", metavar="IMAGE",
                    help="quantize by GPTQ on these images (files, directories, globs), not to nearest")
     p.add_argument("--device", default="cpu", help="where calibration runs (cpu, cuda)")

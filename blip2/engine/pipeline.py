@@ -300,6 +300,7 @@ def _texts(results, single: bool):
 
 def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantize: str | None = None, quantize_vision: bool = True,
+         quantize_language: bool = True,
          force_float16: bool = False, trainable: Callable[[str], bool] | None = None) -> Blip2:
     """Load a BLIP-2 checkpoint in the Hugging Face layout: a local directory or a hub id
     (downloaded once into the Hugging Face cache, only the files needed).
@@ -307,9 +308,10 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     dtype: float32, bfloat16, float16 or "auto" (bfloat16 where the hardware computes it natively,
     float16 on CUDA without it, else float32); default float32, or "auto" when quantizing. Flan-T5
     refuses float16 unless force_float16=True. device: "cpu" (default), "cuda", ...
-    quantize: "int8" or "int4" weight-only quantization of the language model's layers and, unless
-    quantize_vision=False, the vision encoder's; a checkpoint written by `blip2 quantize` loads
-    quantized as it was written. Each weight is read once and stored directly in its final form.
+    quantize: "int8" or "int4" weight-only quantization of the language model's layers and the vision
+    encoder's; quantize_vision=False keeps the vision side in `dtype`, quantize_language=False the
+    language model (int8 vision alone: faster image batches on int8 vector units, docs/precision.md).
+    A checkpoint written by `blip2 quantize` loads quantized as it was written. Each weight is read once and stored directly in its final form.
     trainable(name): the parameters to leave trainable (requires_grad, in memory of their own); the
     model's forward then works under autograd (weights are not packed for oneDNN).
     """
@@ -320,7 +322,8 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
     if stored is not None and quantize not in (None, stored.mode):
         raise ValueError(f"{directory} is quantized to {stored.mode}; it cannot be loaded as {quantize} "
                          "(quantize the original checkpoint instead)")
-    quantization = stored or (Quantization(quantize, vision=quantize_vision) if quantize else None)
+    quantization = stored or (Quantization(quantize, vision=quantize_vision, language=quantize_language)
+                              if quantize else None)
     device = parse_device(device)
     dtype = parse_dtype("auto" if dtype is None and quantization else dtype, device, cfg.is_encoder_decoder)
     if dtype == torch.float16 and cfg.is_encoder_decoder and not force_float16:

@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None, prog: str = "blip2 bench") -> int:
             p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every system runs")
             p.add_argument("--compare", default="transformers",
                            help="comma-separated: transformers, vllm, ours-int8, ours-int4 (our engine quantized), "
-                                "ours-int8-lm, ours-int4-lm (the language model only)")
+                                "ours-int8-lm, ours-int4-lm (the language model only), ours-int8-vision, "
+                                "ours-int4-vision (the vision side only)")
             p.add_argument("--batches", default=",".join(map(str, BATCHES)),
                            help=f"comma-separated batch sizes for the throughput rows (default {','.join(map(str, BATCHES))})")
             p.add_argument("--json", type=Path, default=None, help="also save the raw results here")

@@ -38,13 +38,14 @@ class _Ours:
 
     quantize: str | None = None
     quantize_vision = True
+    quantize_language = True
 
     def __init__(self, path: str, dtype: str, device: str = "cpu"):
         import blip2
 
         start = time.perf_counter()
         self.model = blip2.load(path, dtype=dtype, device=device, quantize=self.quantize,
-                                quantize_vision=self.quantize_vision)
+                                quantize_vision=self.quantize_vision, quantize_language=self.quantize_language)
         self.load_s = time.perf_counter() - start
 
     def answer(self, files: list[str], prompt: str, new_tokens: int) -> list[list[int]]:
@@ -113,14 +114,16 @@ class _VLLM:
     pixels = encode = None  # vLLM has no separate image-encoding call
 
 
-def _quantized(mode: str, vision: bool) -> type:
-    return type(f"_Ours_{mode}{'' if vision else '_lm'}", (_Ours,), {"quantize": mode, "quantize_vision": vision})
+def _quantized(mode: str, part: str) -> type:
+    return type(f"_Ours_{mode}_{part}", (_Ours,), {"quantize": mode, "quantize_vision": part != "lm",
+                                                   "quantize_language": part != "vision"})
 
 
 # ours-int8, ours-int4: quantized everywhere (blip2.load's default); ours-int8-lm, ours-int4-lm: the
-# language model only (quantize_vision=False).
+# language model only (quantize_vision=False); ours-int8-vision, ours-int4-vision: the vision side only.
 SYSTEMS = {"ours": _Ours, "transformers": _Transformers, "vllm": _VLLM,
-            **{f"ours-{m}{'' if v else '-lm'}": _quantized(m, v) for m in ("int8", "int4") for v in (True, False)}}
+            **{f"ours-{m}{'' if part == 'all' else '-' + part}": _quantized(m, part)
+               for m in ("int8", "int4") for part in ("all", "lm", "vision")}}
 
 
 def worker(spec_json: str) -> None:
