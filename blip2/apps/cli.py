@@ -94,7 +94,6 @@ def _caption_dataset(args: argparse.Namespace) -> int:
     if not items:
         _err("no images to caption")
         return 1
-    mine = [it for it in items if in_shard(it, *shard)]
     output = open_output(args.output, args.format, args.sidecar, overwrite=args.overwrite,
                          tag=f"s{shard[0]:03d}of{shard[1]:03d}", per_part=args.per_part, seconds=args.commit_seconds)
     try:
@@ -103,12 +102,12 @@ def _caption_dataset(args: argparse.Namespace) -> int:
 
             load_kwargs = dict(model=args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
             answered, failed, skipped = run_ray(
-                mine, output, task, load_kwargs=load_kwargs, address=None if args.ray == "local" else args.ray,
+                [it for it in items if in_shard(it, *shard)], output, task, load_kwargs=load_kwargs, address=None if args.ray == "local" else args.ray,
                 actors=args.ray_actors, batch_size=args.batch_size,
                 gpus_per_actor=1 if (args.device or "").startswith("cuda") else 0, report=_err)
         else:
-            answered, failed, skipped = run_job(_load(args), mine, output, task, model_name=args.model,
-                                                batch_size=args.batch_size, report=_err)
+            answered, failed, skipped = run_job(_load(args), items, output, task, model_name=args.model,
+                                                batch_size=args.batch_size, shard=shard, report=_err)
     finally:
         output.close()
     failed += len(errors)

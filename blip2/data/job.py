@@ -55,11 +55,11 @@ def records(model, items: list[Item], images: list, task: Task, model_name: str)
     if good and task.questions:
         q = len(task.questions)
         answers = model.ask([images[i] for i in good for _ in range(q)], list(task.questions) * len(good),
-                            errors="return", **dataclasses.asdict(gen))
+                            errors="return", **settings)
         results = {i: answers[j * q:(j + 1) * q] for j, i in enumerate(good)}
     elif good:
         prompts = [task.prompt.format(name=items[i].name) for i in good]
-        out = model.generate([images[i] for i in good], prompts, errors="return", **dataclasses.asdict(gen))
+        out = model.generate([images[i] for i in good], prompts, errors="return", **settings)
         results = dict(zip(good, out))
     seconds = round((time.perf_counter() - start) / max(len(good), 1), 4)
     made = []

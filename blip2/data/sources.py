@@ -4,6 +4,7 @@ column, and WebDataset tar shards, each image once, in a deterministic order, wi
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import hashlib
 import json
@@ -29,7 +30,7 @@ class Item:
     offset: int = -1
     size: int = -1
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return hashlib.sha1(self.source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 

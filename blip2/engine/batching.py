@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.layers import RowCache
+from ..models.layers import KVCache, RowCache
 from ..models.t5 import T5ForConditionalGeneration
 from .generation import GenerationConfig, Hypothesis, SampleOrGreedy, Search
 from .sessions import OPTSession, T5Session, open_session, pad_token_id
@@ -50,11 +50,12 @@ class Request:
     # set by the engine
     rows: torch.Tensor | None = None
     search: Search | None = None
+    next: torch.Tensor | None = None  # the tokens its rows take at the next step
     first: int = 0  # the slot of the first new token (beam reordering starts there)
 
     @property
     def copies(self) -> int:
-        return self.gen.num_beams if self.gen.num_beams > 1 else self.gen.num_return_sequences
+        return self.gen.copies
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -78,9 +79,6 @@ class Pool:
     def high(self) -> int:
         taken = torch.nonzero(self.used)
         return int(taken[-1]) + 1 if len(taken) else 0
-
-    def free_rows(self) -> int:
-        return int((~self.used).sum())
 
     def take(self, n: int, width: int) -> torch.Tensor:
         """n free rows able to hold `width` positions, growing the pool as needed."""
@@ -117,12 +115,9 @@ class Pool:
 
     def reorder(self, rows: torch.Tensor, order: torch.Tensor, start: int, end: int) -> None:
         """Beam search: row rows[i] takes the cache of rows[order[i]], positions [start, end)."""
-        moved = torch.nonzero(order != torch.arange(len(order), device=order.device)).view(-1)
-        if len(moved) and end > start:
-            src, dst = rows[order[moved]], rows[moved]
-            for t in (self.k, self.v):
-                written = t.narrow(3, start, end - start)
-                written.index_copy_(1, dst, written.index_select(1, src))
+        keep = torch.arange(self.k.shape[1], device=rows.device)
+        keep[rows] = rows[order]
+        KVCache.of(self.k, self.v).reorder(keep, start, end)
 
 
 class OPTPool(Pool):
@@ -317,8 +312,8 @@ class Engine:
             self._finish(r)
 
     def _admit(self) -> None:
-        """Start waiting requests while rows are free: their images encoded together, each prompt
-        pass alone, its rows into the pool."""
+        """Start waiting requests while rows are free: their images encoded together, their prompt
+        passes grouped by prompt length (_join), their rows into the pool."""
         free = self.max_rows - sum(r.copies for r in self.running)
         batch = []
         with self._wake:
@@ -399,11 +394,8 @@ class Engine:
     def _emit_tokens(self, r: Request) -> None:
         search = r.search
         if isinstance(search, SampleOrGreedy) and not r.cancelled:
-            last = search.new[-1].tolist()
-            before = search.new[-2] if len(search.new) > 1 else None
-            ended = [False] * len(last) if before is None else torch.isin(
-                torch.stack(search.new[:-1], 1), search.eos).any(1).tolist()
-            r.emit("tokens", [None if e else t for t, e in zip(last, ended)])
+            tokens, real = search.new[-1].tolist(), search.produced.tolist()
+            r.emit("tokens", [t if ok else None for t, ok in zip(tokens, real)])
 
     def _done(self, r: Request) -> None:
         results: list[Hypothesis] = r.search.results()[0]

@@ -63,6 +63,11 @@ class GenerationConfig:
             if not (matches(value, f.type) and in_range(self)):
                 raise ValueError(f"{f.name} must be {allowed}, got {value!r}")
 
+    @property
+    def copies(self) -> int:
+        """Rows decoded per input: the beams, or the sequences sampled or searched greedily."""
+        return self.num_beams if self.num_beams > 1 else self.num_return_sequences
+
     @classmethod
     def make(cls, base: "GenerationConfig | None" = None, **overrides) -> "GenerationConfig":
         """Copy `base` (or the defaults) with overrides; an unknown setting is an error naming it."""
@@ -172,10 +177,9 @@ class Search:
         if gen.do_sample:
             generator = torch.Generator(device=device)
             generator.manual_seed(gen.seed if gen.seed is not None else torch.seed())
-        copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
-        history = history.repeat_interleave(copies, 0)
+        history = history.repeat_interleave(gen.copies, 0)
         if ignore is not None:
-            ignore = ignore.repeat_interleave(copies, 0)
+            ignore = ignore.repeat_interleave(gen.copies, 0)
         process = ScoreProcessor(gen, eos, history.shape[1], ignore)
         kind = BeamSearch if gen.num_beams > 1 else SampleOrGreedy
         return kind(history, gen, eos, pad_token_id, process, generator)
@@ -193,6 +197,7 @@ class SampleOrGreedy(Search):
             history, gen, eos, pad, process, generator
         rows = history.shape[0]
         self.unfinished = torch.ones(rows, dtype=torch.bool, device=history.device)
+        self.produced = self.unfinished  # the rows whose last token is a real one (not padding after the end)
         self.total = torch.zeros(rows, device=history.device)
         self.new: list[torch.Tensor] = []
 
@@ -206,6 +211,7 @@ class SampleOrGreedy(Search):
         else:
             tokens = scores.argmax(-1)
         unfinished = self.unfinished
+        self.produced = unfinished.clone()
         self.total += torch.where(unfinished, scores.log_softmax(-1).gather(1, tokens[:, None])[:, 0], 0.0)
         tokens = torch.where(unfinished, tokens, self.pad)
         self.new.append(tokens)

@@ -26,9 +26,8 @@ def generate(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, 
 def start(model: Blip2Model, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
           gen: GenerationConfig, graphs: CudaGraphs | None = None) -> tuple[OPTSession | T5Session, Search]:
     """A decoding session over these inputs (nothing computed yet) and the search that chooses its tokens."""
-    copies = gen.num_beams if gen.num_beams > 1 else gen.num_return_sequences
-    session, history, ignore = open_session(model, queries, input_ids, attention_mask, copies, gen.max_new_tokens,
-                                            graphs)
+    session, history, ignore = open_session(model, queries, input_ids, attention_mask, gen.copies,
+                                            gen.max_new_tokens, graphs)
     return session, Search.start(gen, history, model.config.eos_token_ids, pad_token_id(model), ignore)
 
 
