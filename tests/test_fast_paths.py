@@ -11,8 +11,9 @@ import blip2.models.opt
 import blip2.models.t5
 from blip2.engine.generation import GenerationConfig
 from blip2.engine.sessions import generate
-from blip2.models.layers import KVCache, single_query_attention
-from blip2.quant.packed import PACK_FOR_ROWS, PackedLinear, _onednn_packs, can_pack
+from blip2.models.layers import KVCache, _cpu_decoding, cpu_single_query_attention, single_query_attention
+from blip2.quant import cpu_kernels
+from blip2.quant.packed import PACK_FOR_ROWS, PackedLinear, _onednn_packs, can_pack, kernel_for
 from checkpoints import opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 
@@ -27,15 +28,22 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     _onednn_packs.cache_clear()  # load() must find packing possible itself (it asks under the meta device)
     packed = blip2.load(path, dtype=dtype)
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
-    # OPT's head is tied to its embedding and stays plain; Flan-T5's is its own and is packed.
-    assert isinstance(packed.model.language_model.lm_head, PackedLinear) == (lm == "t5")
+    # Flan-T5's head is its own and is packed. OPT's is tied to its embedding: it stays plain, except
+    # for the bf16 kernel, where the two share one packed table.
+    lm_model, own_kernel = packed.model.language_model, kernel_for(getattr(torch, dtype)) == "bf16"
+    assert isinstance(lm_model.lm_head, PackedLinear) == (lm == "t5" or own_kernel)
+    if lm == "opt" and own_kernel:
+        assert lm_model.lm_head.weight is lm_model.model.decoder.embed_tokens.weight
     fc1 = packed.model.vision_model.encoder.layers[0].mlp.fc1
     assert isinstance(fc1, PackedLinear) and fc1.rows == PACK_FOR_ROWS
     decoder = [m for m in packed.model.language_model.modules() if isinstance(m, PackedLinear)]
     assert {m.rows for m in decoder} == {1 if dtype == "float32" else PACK_FOR_ROWS}  # float32 decodes one row
+    assert {m.kernel for m in decoder} == {kernel_for(getattr(torch, dtype))}  # bfloat16: blip2's own where it can
     monkeypatch.setattr(blip2.engine.pipeline, "can_pack", lambda *a: False)
     plain = blip2.load(path, dtype=dtype)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    every_token = torch.arange(packed.config.text.vocab_size)[None]
+    assert torch.equal(packed.model.language_model.embed(every_token), plain.model.language_model.embed(every_token))
     ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
     dec = None if lm == "opt" else torch.tensor([[0, 4, 5], [0, 6, 7]])
     px = pixels(2, 28)
@@ -49,6 +57,49 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
         a = generate(packed.model, q, ids, mask, gen)
         b = generate(plain.model, plain.model.encode_images(px), ids, mask, gen)
     assert [s.token_ids for r in a for s in r] == [s.token_ids for r in b for s in r]
+
+
+@pytest.mark.skipif(cpu_kernels.bf16_library() is None, reason="needs AVX512-BF16 without AMX, and a C++ compiler")
+@pytest.mark.parametrize("m,k,n,bias", [(1, 2560, 1024, True), (1, 70, 13, False), (3, 33, 9, True), (4, 64, 16, False),
+                                        (5, 3000, 50, True), (17, 1030, 200, True), (45, 256, 64, False), (0, 8, 8, True)])
+def test_bf16_product_rounds_the_exact_product(m, k, n, bias):
+    # Every shape the layout pads (odd k, n not a multiple of 16), tiles of 1-4 rows, chunks of 1024
+    # inputs: each output is the exact sum rounded once to bfloat16 (float32 sums, within 2^-8).
+    torch.manual_seed(m * 1000 + k + n)
+    x, w = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16()
+    b = torch.randn(n).bfloat16() if bias else None
+    layout = cpu_kernels.bf16_layout(w)
+    assert torch.equal(cpu_kernels.bf16_plain(layout, (n, k)), w)
+    y = cpu_kernels.bf16_mm(x, layout, b, n)
+    exact = x.double() @ w.double().t() + (0 if b is None else b.double())
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
+    assert m == 0 or rel_err(y.float(), F.linear(x, w, b).float()) < 5e-3  # and oneDNN's, within rounding
+
+
+@pytest.mark.parametrize("b,h,length,d,mask", [(1, 32, 65, 80, "bool"), (2, 4, 7, 8, "additive"), (3, 2, 1, 64, None),
+                                               (2, 8, 300, 64, "additive"), (5, 3, 20, 24, "bool")])
+def test_cpu_decoding_attention_equals_torch_attention(b, h, length, d, mask):
+    # One bfloat16 query per row over a cache narrowed to its written positions (strided views), with
+    # OPT's boolean mask or T5's additive position bias: as close to the exact result as torch's kernel.
+    torch.manual_seed(length)
+    cache_k, cache_v = torch.randn(2, b, h, length + 9, d).bfloat16(), torch.randn(2, b, h, length + 9, d).bfloat16()
+    k, v = cache_k[1, :, :, :length], cache_v[1, :, :, :length]
+    q = torch.randn(b, 1, h, d).bfloat16().transpose(1, 2)  # [B, H, 1, D] as the layers make it
+    keep = torch.rand(b, 1, 1, length) > 0.3
+    keep[..., 0] = True
+    if mask == "additive":
+        mask = (torch.randn(1, h, 1, length) + torch.where(keep, 0.0, -1e30)).bfloat16()
+    elif mask == "bool":
+        mask = keep
+    if not _cpu_decoding(q, k, v, mask):
+        pytest.skip("blip2's attention kernel is not built here (no AVX2 or no compiler)")
+    ours = cpu_single_query_attention(q, k, v, mask)
+    exact_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=exact_mask, scale=1.0)
+    torch_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    assert ours.shape == torch_bf16.shape and ours.dtype == torch.bfloat16
+    assert rel_err(ours.double(), exact) <= max(rel_err(torch_bf16.double(), exact) * 1.5, 1e-3)
 
 
 def test_beam_reorder_copies_what_a_whole_cache_reorder_would():

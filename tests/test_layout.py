@@ -14,7 +14,7 @@ import blip2
 
 PACKAGE = Path(blip2.__file__).parent
 # Each layer may import those below it, never those above (apps sit on top of everything).
-LAYERS = ["config", "hub", "checkpoint", "models", "inputs", "quant", "engine", "data", "apps"]
+LAYERS = ["native", "config", "hub", "checkpoint", "models", "inputs", "quant", "engine", "data", "apps"]
 
 
 def _module(path: Path) -> str:

@@ -3,11 +3,12 @@ parameter is stored in (the reference keeps some layers in float32 under float16
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
+
+from ..native import cpu_flags
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -71,11 +72,7 @@ def cpu_has_native_bfloat16() -> bool:
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
             return True
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": the Arm Features line
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})  # "bf16": the Arm Features line
 
 
 T5_FLOAT16 = ("Flan-T5 overflows in float16 (it generates \"ssss\" or NaN, in the reference too): use "

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
 import math
+import subprocess
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..native import build
+
+log = logging.getLogger(__name__)
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +60,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     b, h, n, _ = q.shape
     if n == 1 and q.is_cuda and b * h >= SINGLE_QUERY_ROWS:
         return single_query_attention(q, k, v, mask)
+    if n == 1 and _cpu_decoding(q, k, v, mask):
+        return cpu_single_query_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+
+
+# A decoding step's attention on the CPU in bfloat16: torch's fused kernels, tiled for many queries,
+# spend most of each call setting up; csrc/attention.cpp computes one query per row directly.
+ATTENTION_SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
+ATTENTION_FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+
+
+@functools.cache
+def _attention_library() -> ctypes.CDLL | None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):
+        return None
+    try:
+        lib = build(ATTENTION_SOURCE, ATTENTION_FLAGS)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("decoding attention uses torch's kernel: blip2's own could not be built: %s", e)
+        return None
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.blip2_single_query_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int, ptr,
+                                                 ptr, ctypes.c_int]
+    lib.blip2_single_query_attention.restype = None
+    return lib
+
+
+def _cpu_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+            and not (q.requires_grad or k.requires_grad or v.requires_grad)
+            and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and (mask is None or mask.dtype in (torch.bool, torch.bfloat16))
+            and _attention_library() is not None)
+
+
+def cpu_single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               mask: torch.Tensor | None) -> torch.Tensor:
+    """`attention` for one bfloat16 query per row on the CPU (csrc/attention.cpp): float32 scores,
+    softmax and sums, as in torch's fused kernels, in another order (within bfloat16's rounding)."""
+    b, h, _, d = q.shape
+    length = k.shape[2]
+    out = torch.empty(b, h, 1, d, dtype=q.dtype)
+    kind, mask_strides = 0, (0, 0, 0)
+    if mask is not None:
+        mask = mask.expand(b, h, 1, length)
+        kind, mask_strides = (1 if mask.dtype == torch.bool else 2), (mask.stride(0), mask.stride(1), mask.stride(3))
+    strides = lambda *values: (ctypes.c_int64 * len(values))(*values)  # noqa: E731
+    _attention_library().blip2_single_query_attention(
+        q.data_ptr(), strides(q.stride(0), q.stride(1)), k.data_ptr(), v.data_ptr(),
+        strides(k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)), b, h, length, d,
+        None if mask is None else mask.data_ptr(), kind, strides(*mask_strides), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

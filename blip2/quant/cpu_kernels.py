@@ -1,4 +1,5 @@
-"""blip2's own CPU products with int8 and int4 weights for up to 256 rows (decoding, prompts), on AVX2 machines.
+"""blip2's own CPU products: int8 and int4 weights for up to 256 rows (decoding, prompts) on AVX2
+machines, dynamic int8 activations on int8 vector units, and bfloat16 on AVX512-BF16.
 
 torch's CPU weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) are
 vectorised for AVX-512; on an AVX2-only CPU they read a decoded token's weights well below the
@@ -17,25 +18,21 @@ quantized weight that is 3e-5 to 1.4e-4 off, torch's bfloat16 activations 2.3e-3
 largest value is 100x the others', as outlier features make them, still rounds those others by
 about 1e-3 at most, bfloat16's own step).
 
-They are C++ with AVX2 intrinsics (csrc/products_avx2.cpp), compiled on first use by the machine's C++ compiler (g++ or $CXX;
-about a second, cached in ~/.cache/blip2/kernels), loaded with ctypes and threaded with OpenMP: the
-libgomp torch runs on (same soname, loaded once), so their threads are torch's. Where there is no
-compiler or no AVX2, `library()` is None and the layers use torch's kernels.
+They are C++ with AVX2 intrinsics (csrc/products_avx2.cpp), compiled on first use (blip2.native).
+Where there is no compiler or no AVX2, `library()` is None and the layers use torch's kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..native import build, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +44,14 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", f"-DCHUNK={CH
 _INT = ctypes.c_int64
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "blip2" / "kernels"
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled products, or None where they cannot run (no AVX2, or no compiler: then a warning
     says so once and torch's kernels serve)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    key = hashlib.sha256((SOURCE.read_text() + " ".join(FLAGS) + torch.__version__).encode()).hexdigest()[:16]
     try:
-        path = _compiled(f"products_avx2-{key}.so")
-        lib = ctypes.CDLL(str(path))
+        lib = build(SOURCE, FLAGS)
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.warning("int8/int4 products use torch's CPU kernels (slower on an AVX2 machine): "
                     "blip2's own could not be built: %s", e)
@@ -77,29 +68,6 @@ def preferred() -> bool:
     """Whether decoding steps use these products: on AVX2 machines, where they are built. (On AVX-512
     ones torch's kernels are vectorised, and torch lays int4 weights in blocks of 64 rows.)"""
     return torch.backends.cpu.get_cpu_capability() == "AVX2" and library() is not None
-
-
-def _compiled(name: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
-    """The shared library `name`, compiled from `source` unless a cache directory already holds it."""
-    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "blip2-kernels"):
-        path = directory / name
-        if path.exists():
-            return path
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        if not compiler:
-            raise RuntimeError("no C++ compiler found (g++, c++ or $CXX)")
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            out = Path(tmp) / name
-            run = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True, text=True, timeout=300)
-            if run.returncode:
-                raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-2000:]}")
-            os.replace(out, path)  # atomic: another process may be compiling the same
-        return path
-    raise RuntimeError("no writable cache directory for the compiled kernel")
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -140,12 +108,7 @@ def int8_units() -> bool:
     """Whether this CPU multiplies int8 vectors natively (AVX-512 VNNI or AMX) and torch uses AVX-512."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
         return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "amx_int8" in flags
+    return bool(cpu_flags() & {"avx512_vnni", "amx_int8"})
 
 
 @functools.cache
@@ -153,9 +116,8 @@ def dynamic_library() -> ctypes.CDLL | None:
     """The dynamic-activation passes, or None where they do not pay or cannot be built."""
     if not int8_units():
         return None
-    key = hashlib.sha256((DYNAMIC_SOURCE.read_text() + " ".join(DYNAMIC_FLAGS) + torch.__version__).encode()).hexdigest()[:16]
     try:
-        lib = ctypes.CDLL(str(_compiled(f"dynamic_int8-{key}.so", DYNAMIC_SOURCE, DYNAMIC_FLAGS)))
+        lib = build(DYNAMIC_SOURCE, DYNAMIC_FLAGS)
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
         log.warning("int8 layers widen their weights for many rows: the dynamic int8 passes could not be built: %s", e)
         return None
@@ -184,3 +146,66 @@ def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     lib.blip2_scale_rows(products.data_ptr(), m, n, row_scales.data_ptr(), scales.data_ptr(),
                          None if bias is None else bias.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16, threads)
     return out
+
+
+# bfloat16 products (csrc/bf16_vnni.cpp) on a weight laid out in pairs of inputs for 16 outputs: a
+# decoding row reads the weight near the memory's speed, about 1.4x oneDNN's packed product on an
+# AVX-512 AMD EPYC, and many rows run at the same rate as oneDNN's (docs/log.md). CPUs with AMX keep
+# oneDNN's layout: its prompt and image products use the tile units, which these do not.
+BF16_SOURCE = Path(__file__).with_name("csrc") / "bf16_vnni.cpp"
+BF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+
+
+def bf16_units() -> bool:
+    """Whether this CPU has AVX512-BF16 without AMX, and torch uses AVX-512."""
+    flags = cpu_flags()
+    return (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16")
+            and "avx512_bf16" in flags and "amx_bf16" not in flags)
+
+
+@functools.cache
+def bf16_library() -> ctypes.CDLL | None:
+    """The bfloat16 products, or None where they do not pay or cannot be built."""
+    if not bf16_units():
+        return None
+    try:
+        lib = build(BF16_SOURCE, BF16_FLAGS)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("bfloat16 layers use oneDNN's products: blip2's own could not be built: %s", e)
+        return None
+    ptr = ctypes.c_void_p
+    lib.blip2_bf16_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, _INT, ptr, ctypes.c_int]
+    lib.blip2_bf16_mm.restype = None
+    return lib
+
+
+def bf16_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 weight [N, K] laid out for bf16_mm: [ceil(N/16), ceil(K/2), 16, 2], padded with zeros."""
+    n, k = weight.shape
+    padded = torch.nn.functional.pad(weight.to(torch.bfloat16), (0, k % 2, 0, -n % 16))
+    return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 2, 2).transpose(1, 2).contiguous()
+
+
+def bf16_plain(weight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The [N, K] weight back from its bf16_layout form (a copy)."""
+    blocks, pairs = weight.shape[:2]
+    return weight.transpose(1, 2).reshape(blocks * 16, pairs * 2)[:shape[0], :shape[1]].contiguous()
+
+
+def bf16_rows(weight: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `ids` of a [N, k] table held in bf16_layout (token embeddings): [*ids.shape, k]."""
+    rows = weight[ids // 16, :, ids % 16]  # [*ids.shape, ceil(k/2), 2]
+    return rows.reshape(*ids.shape, -1)[..., :k]
+
+
+def bf16_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [M, K] (bfloat16) times a weight in bf16_layout with N outputs, plus a bfloat16 bias: [M, N]."""
+    if x.shape[1] % 2:
+        x = torch.nn.functional.pad(x, (0, 1))
+    x = x.contiguous()
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    if m:
+        bf16_library().blip2_bf16_mm(x.data_ptr(), m, k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+                                     n, y.data_ptr(), torch.get_num_threads())
+    return y

@@ -1,0 +1,62 @@
+"""blip2's C++ kernels: compiled on first use by the machine's C++ compiler (g++, c++ or $CXX; about a
+second each, cached in ~/.cache/blip2/kernels under a hash of the source, flags and torch version),
+loaded with ctypes, threaded with OpenMP: the libgomp torch runs on (same soname, loaded once), so
+their threads are torch's. Each kernel is a source file beside the Python that calls it."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (x86 "flags", Arm "Features"); empty where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1] for line in f if line.startswith(("flags", "Features"))),
+                                  "").split())
+    except OSError:
+        return frozenset()
+
+
+def build(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
+    """The library compiled from `source` with `flags` (from the cache when there); raises OSError,
+    subprocess.SubprocessError or RuntimeError where it cannot be built or loaded."""
+    key = hashlib.sha256((source.read_text() + " ".join(flags) + torch.__version__).encode()).hexdigest()[:16]
+    return ctypes.CDLL(str(_compiled(f"{source.stem}-{key}.so", source, flags)))
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "blip2" / "kernels"
+
+
+def _compiled(name: str, source: Path, flags: tuple[str, ...]) -> Path:
+    """The shared library `name`, compiled from `source` unless a cache directory already holds it."""
+    for directory in (_cache_dir(), Path(tempfile.gettempdir()) / "blip2-kernels"):
+        path = directory / name
+        if path.exists():
+            return path
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+        if not compiler:
+            raise RuntimeError("no C++ compiler found (g++, c++ or $CXX)")
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            out = Path(tmp) / name
+            run = subprocess.run([compiler, *flags, str(source), "-o", str(out)], capture_output=True, text=True, timeout=300)
+            if run.returncode:
+                raise RuntimeError(f"{compiler} failed: {run.stderr.strip()[-2000:]}")
+            os.replace(out, path)  # atomic: another process may be compiling the same
+        return path
+    raise RuntimeError("no writable cache directory for the compiled kernel")
