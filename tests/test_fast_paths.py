@@ -59,7 +59,7 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     assert [s.token_ids for r in a for s in r] == [s.token_ids for r in b for s in r]
 
 
-@pytest.mark.skipif(cpu_kernels.bf16_library() is None, reason="needs AVX512-BF16 without AMX, and a C++ compiler")
+@pytest.mark.skipif(cpu_kernels.pairs_library() is None, reason="needs AVX512-BF16 and VNNI without AMX, and a C++ compiler")
 @pytest.mark.parametrize("m,k,n,bias", [(1, 2560, 1024, True), (1, 70, 13, False), (3, 33, 9, True), (4, 64, 16, False),
                                         (5, 3000, 50, True), (17, 1030, 200, True), (45, 256, 64, False), (0, 8, 8, True)])
 def test_bf16_product_rounds_the_exact_product(m, k, n, bias):
@@ -69,7 +69,7 @@ def test_bf16_product_rounds_the_exact_product(m, k, n, bias):
     x, w = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16()
     b = torch.randn(n).bfloat16() if bias else None
     layout = cpu_kernels.bf16_layout(w)
-    assert torch.equal(cpu_kernels.bf16_plain(layout, (n, k)), w)
+    assert torch.equal(cpu_kernels.plain_layout(layout, (n, k)), w)
     y = cpu_kernels.bf16_mm(x, layout, b, n)
     exact = x.double() @ w.double().t() + (0 if b is None else b.double())
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)

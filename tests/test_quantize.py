@@ -437,6 +437,7 @@ def test_many_rows_path_equals_the_kernel_row_by_row(mode, out_features, dtype, 
     from blip2.quant.linear import _WIDEN_ELEMENTS
 
     monkeypatch.setitem(_WIDEN_ELEMENTS, mode, 1024 * 2048)  # blocks of 1024 rows
+    monkeypatch.setattr(cpu_kernels, "pairs_library", lambda: None)  # (there, one product serves every row count)
     q = Quantization(mode)
     layer = QuantizedLinear(2048, out_features, True, q, dtype)  # float32: torch's kernels get bfloat16 activations
     layer.load_parameter("weight", torch.randn(out_features, 2048) * 0.02)
@@ -611,12 +612,54 @@ def test_decoding_rows_agree_with_torchs_kernels(mode, dtype, monkeypatch):
     layer = QuantizedLinear(512, 96, True, Quantization(mode), dtype)
     layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
     layer.load_parameter("bias", torch.randn(96))
+    if mode == "int8" and cpu_kernels.pairs_library() is not None:
+        pytest.skip("AVX512-BF16 machine: int8 layers use the pairs product (test_int8_pairs_product_*)")
     own = cpu_kernels.preferred() and (mode == "int8" or layouts.cpu_int4_block() == 32)
     assert layer.few_rows == ("own_product" if own else "torch_kernel")
     x = torch.randn(3, 512).to(dtype)
     ours = layer(x)
     monkeypatch.setattr(layer, "few_rows", "torch_kernel")
     assert rel_err(ours, layer(x)) < 0.01
+
+
+@pytest.mark.skipif(cpu_kernels.pairs_library() is None, reason="needs AVX512-BF16 and VNNI without AMX, and a C++ compiler")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, k, n, bias", [(1, 512, 96, True), (3, 272, 100, False), (4, 333, 17, True),
+                                              (45, 2048, 64, True), (300, 130, 48, False)])
+def test_int8_pairs_product_equals_the_dequantized_weight(dtype, rows, k, n, bias):
+    # Every row count (1-4-row tiles, prompts, patches), odd K, N not a multiple of 16: the product of
+    # the quantized weight, with activations in 16-bit steps of each row's largest (float32 output:
+    # 1e-4; 1e-3 for a row whose one large value sets its scale), then rounded to the layer's dtype.
+    g = torch.Generator().manual_seed(rows + k + n)
+    layer = QuantizedLinear(k, n, bias, Quantization("int8"), dtype)
+    weight = torch.randn(n, k, generator=g) * 0.02
+    layer.load_parameter("weight", weight)
+    if bias:
+        layer.load_parameter("bias", torch.randn(n, generator=g))
+    assert layer.few_rows == "pairs_product" and layer.many_from is None
+    parts = quantize_weight(weight, Quantization("int8"))
+    assert torch.equal(cpu_kernels.plain_layout(layer.weight, (n, k)), parts["weight"])
+    x = torch.randn(rows, k, generator=g)
+    x[0, k // 2] = 100.0  # an outlier feature
+    x = x.to(dtype)
+    exact = x.double() @ (parts["weight"].double() * parts["scales"].double()[:, None]).T
+    if bias:
+        exact += layer.bias.double()
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    assert rel_err(y[:1], exact[:1]) < (1e-3 if dtype == torch.float32 else 4e-3)  # steps of 100 / 32767
+    assert rows == 1 or rel_err(y[1:], exact[1:]) < (1e-4 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.skipif(cpu_kernels.pairs_library() is None, reason="needs AVX512-BF16 and VNNI without AMX, and a C++ compiler")
+def test_int8_embedding_rows_come_from_the_pair_layout():
+    layer = QuantizedEmbedding(40, 37, False, Quantization("int8"), torch.bfloat16)
+    weight = torch.randn(37, 40) * 0.02
+    layer.load_parameter("weight", weight)
+    parts = quantize_weight(weight, Quantization("int8"))
+    ids = torch.tensor([[0, 5, 36], [17, 16, 1]])
+    expected = parts["weight"][ids].bfloat16() * parts["scales"][ids].bfloat16().unsqueeze(-1)
+    assert torch.equal(layer(ids), expected)
 
 
 def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
@@ -628,8 +671,9 @@ def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     cpu_kernels.library.cache_clear()
+    cpu_kernels.pairs_library.cache_clear()
     try:
-        assert cpu_kernels.library() is None and not cpu_kernels.preferred()
+        assert cpu_kernels.library() is None and not cpu_kernels.preferred() and cpu_kernels.pairs_library() is None
         if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             assert "blip2's own could not be built" in caplog.text and "no-such-compiler" in caplog.text
         for mode in MODES:
@@ -638,3 +682,4 @@ def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
             assert layer.few_rows == "torch_kernel" and layer(torch.randn(2, 512)).shape == (2, 96)
     finally:
         cpu_kernels.library.cache_clear()
+        cpu_kernels.pairs_library.cache_clear()

@@ -148,52 +148,62 @@ def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     return out
 
 
-# bfloat16 products (csrc/bf16_vnni.cpp) on a weight laid out in pairs of inputs for 16 outputs: a
-# decoding row reads the weight near the memory's speed, about 1.4x oneDNN's packed product on an
-# AVX-512 AMD EPYC, and many rows run at the same rate as oneDNN's (docs/log.md). CPUs with AMX keep
-# oneDNN's layout: its prompt and image products use the tile units, which these do not.
-BF16_SOURCE = Path(__file__).with_name("csrc") / "bf16_vnni.cpp"
-BF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC")
+# Products on a weight laid out in pairs of inputs for 16 outputs (csrc/products_avx512.cpp), bfloat16
+# or int8: a decoding row reads the weight near the memory's speed, about 1.4x oneDNN's bfloat16
+# product and 1.7x torch's int8 kernel on an AVX-512 AMD EPYC, and many rows run at oneDNN's bfloat16
+# rate (docs/log.md). CPUs with AMX keep oneDNN's and torch's: their prompt and image products use
+# the tile units, which these do not.
+PAIRS_SOURCE = Path(__file__).with_name("csrc") / "products_avx512.cpp"
+PAIRS_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fno-math-errno",
+               "-fopenmp", "-shared", "-fPIC")
 
 
-def bf16_units() -> bool:
-    """Whether this CPU has AVX512-BF16 without AMX, and torch uses AVX-512."""
+def pair_units() -> bool:
+    """Whether this CPU has AVX512-BF16 and VNNI without AMX, and torch uses AVX-512."""
     flags = cpu_flags()
     return (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16")
-            and "avx512_bf16" in flags and "amx_bf16" not in flags)
+            and {"avx512_bf16", "avx512_vnni"} <= flags and "amx_bf16" not in flags)
 
 
 @functools.cache
-def bf16_library() -> ctypes.CDLL | None:
-    """The bfloat16 products, or None where they do not pay or cannot be built."""
-    if not bf16_units():
+def pairs_library() -> ctypes.CDLL | None:
+    """The products on the pair layout, or None where they do not pay or cannot be built."""
+    if not pair_units():
         return None
     try:
-        lib = build(BF16_SOURCE, BF16_FLAGS)
+        lib = build(PAIRS_SOURCE, PAIRS_FLAGS)
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("bfloat16 layers use oneDNN's products: blip2's own could not be built: %s", e)
+        log.warning("bfloat16 and int8 layers use oneDNN's and torch's products: blip2's own could not be built: %s", e)
         return None
-    ptr = ctypes.c_void_p
-    lib.blip2_bf16_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, _INT, ptr, ctypes.c_int]
+    ptr, flag = ctypes.c_void_p, ctypes.c_int
+    lib.blip2_bf16_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, _INT, ptr, flag]
     lib.blip2_bf16_mm.restype = None
+    lib.blip2_int8_pairs_mm.argtypes = [ptr, flag, _INT, _INT, _INT, ptr, ptr, ptr, flag, _INT, ptr, flag, ptr, flag]
+    lib.blip2_int8_pairs_mm.restype = None
     return lib
 
 
-def bf16_layout(weight: torch.Tensor) -> torch.Tensor:
-    """A bfloat16 weight [N, K] laid out for bf16_mm: [ceil(N/16), ceil(K/2), 16, 2], padded with zeros."""
+def pair_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A weight [N, K] (bfloat16 for bf16_mm, int8 for int8_pairs_mm) in pairs of inputs for 16 outputs:
+    [ceil(N/16), ceil(K/2), 16, 2], padded with zeros."""
     n, k = weight.shape
-    padded = torch.nn.functional.pad(weight.to(torch.bfloat16), (0, k % 2, 0, -n % 16))
+    padded = torch.nn.functional.pad(weight, (0, k % 2, 0, -n % 16)) if k % 2 or n % 16 else weight
     return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 2, 2).transpose(1, 2).contiguous()
 
 
-def bf16_plain(weight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The [N, K] weight back from its bf16_layout form (a copy)."""
+def bf16_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A float weight [N, K] in bfloat16, laid out for bf16_mm."""
+    return pair_layout(weight.to(torch.bfloat16))
+
+
+def plain_layout(weight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The [N, K] weight back from its pair_layout form (a copy)."""
     blocks, pairs = weight.shape[:2]
     return weight.transpose(1, 2).reshape(blocks * 16, pairs * 2)[:shape[0], :shape[1]].contiguous()
 
 
-def bf16_rows(weight: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Rows `ids` of a [N, k] table held in bf16_layout (token embeddings): [*ids.shape, k]."""
+def pair_rows(weight: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `ids` of a [N, k] table held in pair_layout (token embeddings): [*ids.shape, k]."""
     rows = weight[ids // 16, :, ids % 16]  # [*ids.shape, ceil(k/2), 2]
     return rows.reshape(*ids.shape, -1)[..., :k]
 
@@ -206,6 +216,24 @@ def bf16_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n:
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.bfloat16)
     if m:
-        bf16_library().blip2_bf16_mm(x.data_ptr(), m, k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
+        pairs_library().blip2_bf16_mm(x.data_ptr(), m, k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
                                      n, y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+def int8_pairs_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int,
+                  k: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, k] (bfloat16 or float32) times an int8 weight in pair_layout with N outputs, each scaled by
+    scales[N] (float32), plus a bias (bfloat16 or float32): [M, N] in out_dtype (bfloat16 or float32).
+    x is quantized to 16 bits per row (steps of its largest magnitude / 32767) and multiplied as integers."""
+    x = x.contiguous()
+    m = x.shape[0]
+    k_even = weight.shape[1] * 2
+    y = torch.empty(m, n, dtype=out_dtype)
+    if m:
+        scratch = torch.empty(m * (k_even // 2 + 1), dtype=torch.int32)
+        pairs_library().blip2_int8_pairs_mm(x.data_ptr(), x.dtype == torch.bfloat16, m, k, k_even, weight.data_ptr(),
+                                      scales.data_ptr(), None if bias is None else bias.data_ptr(),
+                                      bias is not None and bias.dtype == torch.bfloat16, n, y.data_ptr(),
+                                      out_dtype == torch.bfloat16, scratch.data_ptr(), torch.get_num_threads())
     return y

@@ -114,7 +114,7 @@ class PackedEmbedding(nn.Module):
     finish_loading = PackedLinear.finish_loading
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.bf16_rows(self.weight, ids, self.embedding_dim)
+        return cpu_kernels.pair_rows(self.weight, ids, self.embedding_dim)
 
 
 def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer) -> None:
@@ -138,7 +138,7 @@ def _packed_now(pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tens
 def kernel_for(dtype: torch.dtype) -> str:
     """The kernel a language model's packed layers use in `dtype`: blip2's own bfloat16 product where
     the CPU has AVX512-BF16 without AMX and it builds, else oneDNN's."""
-    return "bf16" if dtype == torch.bfloat16 and cpu_kernels.bf16_library() is not None else "onednn"
+    return "bf16" if dtype == torch.bfloat16 and cpu_kernels.pairs_library() is not None else "onednn"
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
