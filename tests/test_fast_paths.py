@@ -162,3 +162,35 @@ def test_generation_with_single_query_attention_equals_plain(lm, ckpt_root, monk
 
     monkeypatch.setattr(getattr(blip2.models, lm), "attention", routed)
     assert run() == plain and used
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_bfloat16_decoding_with_cpu_attention_equals_torch_attention(lm, ckpt_root, monkeypatch):
+    # bfloat16 decoding steps take csrc/attention.cpp (OPT's boolean mask; T5's position bias and
+    # its cross-attention's padding mask); beams and their scores as with torch's kernel.
+    import blip2.models.layers as layers
+
+    cfg = tiny_config(lm, num_decoder_layers=2) if lm == "t5" else tiny_config(lm)
+    m = blip2.load(write_checkpoint(ckpt_root / f"cpu-attention-{lm}", cfg, seed=47), dtype="bfloat16")
+    ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
+    gen = GenerationConfig(num_beams=3, max_new_tokens=8, num_return_sequences=3)
+    px = pixels(2, 28)
+    calls = []
+    kernel = layers.cpu_single_query_attention
+
+    def counted(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    def run():
+        with torch.inference_mode():
+            return [[(s.token_ids, s.score) for s in r] for r in generate(m.model, m.model.encode_images(px), ids, mask, gen)]
+
+    monkeypatch.setattr(layers, "cpu_single_query_attention", counted)
+    ours = run()
+    if not calls:
+        pytest.skip("blip2's attention kernel is not built here (no AVX2 or no compiler)")
+    monkeypatch.setattr(layers, "_cpu_decoding", lambda *a: False)
+    theirs = run()
+    assert [[t for t, _ in r] for r in ours] == [[t for t, _ in r] for r in theirs]
+    assert all(abs(a - b) < 0.05 for r, s in zip(ours, theirs) for (_, a), (_, b) in zip(r, s))
