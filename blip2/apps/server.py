@@ -246,11 +246,7 @@ def _image(model, url: str, settings: ServerSettings):
 
 def _default_tokens(model, prompt: str) -> int:
     """For a request that names no length: as much as fits after the prompt, up to DEFAULT_MAX_TOKENS."""
-    cfg = model.config
-    if cfg.is_encoder_decoder:
-        return DEFAULT_MAX_TOKENS
-    room = cfg.text.max_position_embeddings - cfg.num_query_tokens - model.tokenizer.count_tokens(prompt) - 1
-    return max(1, min(DEFAULT_MAX_TOKENS, room))
+    return max(1, min(DEFAULT_MAX_TOKENS, model.max_new_tokens(model.tokenizer.count_tokens(prompt))))
 
 
 def _max_len(model) -> int:

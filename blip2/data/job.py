@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,8 +68,8 @@ def records(model, items: list[Item], images: list, task: Task, model_name: str)
         result = results.get(i, images[i])
         error = result if isinstance(result, ImageError) else next(
             (a for a in result if isinstance(a, ImageError)), None) if isinstance(result, list) else None
-        if error is not None:  # named by its source, not by the bytes it was read into
-            r["error"] = str(error).replace(f"<{_size(item)} bytes>", repr(item.source))
+        if error is not None:
+            r["error"] = str(error)
         elif task.questions:
             r.update(questions=list(task.questions), answers=list(result), seconds=seconds)
         else:
@@ -111,7 +110,7 @@ def run(model, items: list[Item], output: Output, task: Task, *, model_name: str
             raw, rows = ahead
             ahead = prepare(batches[n + 1]) if n + 1 < len(batches) else None
             rows = iter(rows)
-            images = [r if isinstance(r, ImageError) else _resized(next(rows)) for r in raw]
+            images = [r if isinstance(r, ImageError) else _named(next(rows), r, item) for r, item in zip(raw, batch)]
             made = records(model, batch, images, task, model_name)
             output.write(made, [r if isinstance(r, bytes) else None for r in raw])
             bad = [r for r in made if r["error"] is not None]
@@ -128,15 +127,12 @@ def run(model, items: list[Item], output: Output, task: Task, *, model_name: str
     return answered, failed, len(mine) - len(todo)
 
 
-def _size(item: Item) -> int:
-    try:
-        return item.size if item.is_member() else os.path.getsize(item.source)
-    except OSError:
-        return -1
-
-
-def _resized(row):
-    return row if isinstance(row, ImageError) else Resized(row)
+def _named(row, data, item: Item):
+    """An image decoded and resized for the model, or the error decoding `data` gave, named by the
+    item's source rather than by the bytes it was read into."""
+    if not isinstance(row, ImageError):
+        return Resized(row)
+    return ImageError(str(row).replace(f"<{len(data)} bytes>", repr(item.source))) if isinstance(data, bytes) else row
 
 
 def _read(item: Item) -> bytes | ImageError:

@@ -203,6 +203,13 @@ class Blip2:
                              f"{positions - queries - 1} new tokens")
         return room
 
+    def max_new_tokens(self, prompt_tokens: int) -> int:
+        """The most new tokens that fit after a prompt of `prompt_tokens` tokens (as `tokenizer.count_tokens`
+        counts them): the converse of max_prompt_tokens."""
+        if self.config.is_encoder_decoder:
+            return T5_MAX_NEW_TOKENS
+        return self.config.text.max_position_embeddings - self.config.num_query_tokens - prompt_tokens
+
     @torch.inference_mode()
     def generate(self, images: ImageSource | Sequence[ImageSource], prompts: str | Sequence[str] = "",
                  errors: str = "raise", **generation) -> list:

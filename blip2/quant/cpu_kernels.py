@@ -124,7 +124,7 @@ def dynamic_library() -> ctypes.CDLL | None:
     ptr = ctypes.c_void_p
     lib.blip2_quantize_rows.argtypes = [ptr, ctypes.c_int, _INT, _INT, ptr, ptr, ctypes.c_int]
     lib.blip2_quantize_rows.restype = None
-    lib.blip2_scale_rows.argtypes = [ptr, _INT, _INT, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    lib.blip2_scale_rows.argtypes = [ptr, _INT, _INT, ptr, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ctypes.c_int]
     lib.blip2_scale_rows.restype = None
     return lib
 
@@ -132,8 +132,8 @@ def dynamic_library() -> ctypes.CDLL | None:
 def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                     out_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] (bfloat16 or float32) times an int8 weight [N, K] with float32 row scales, plus a
-    float32 bias: each row of x quantized to int8 by its largest magnitude, the products summed in
-    int32, scaled back and rounded to out_dtype (bfloat16 or float32) in one pass."""
+    bias (bfloat16 or float32): each row of x quantized to int8 by its largest magnitude, the products
+    summed in int32, scaled back and rounded to out_dtype (bfloat16 or float32) in one pass."""
     lib, threads = dynamic_library(), torch.get_num_threads()
     x = x.contiguous()
     m, k = x.shape
@@ -144,7 +144,8 @@ def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     products = torch._int_mm(q, weight.t())
     out = torch.empty(m, n, dtype=out_dtype)
     lib.blip2_scale_rows(products.data_ptr(), m, n, row_scales.data_ptr(), scales.data_ptr(),
-                         None if bias is None else bias.data_ptr(), out.data_ptr(), out_dtype == torch.bfloat16, threads)
+                         None if bias is None else bias.data_ptr(), bias is not None and bias.dtype == torch.bfloat16,
+                         out.data_ptr(), out_dtype == torch.bfloat16, threads)
     return out
 
 

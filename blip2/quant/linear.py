@@ -229,10 +229,7 @@ class QuantizedLinear(nn.Module):
     def cpu_int8_dynamic(self, x: torch.Tensor) -> torch.Tensor:
         """Many rows on a CPU with int8 vector units: each row of x quantized to int8 by its largest
         magnitude, integer products, scales and bias applied in one pass (cpu_kernels.int8_dynamic_mm)."""
-        if self.bias is not None and getattr(self, "float_bias", None) is None:
-            self.float_bias = self.bias.detach().float()  # the bias is loaded after the weight
-        return cpu_kernels.int8_dynamic_mm(x, self.weight, self.float_scales, getattr(self, "float_bias", None),
-                                           self.dtype)
+        return cpu_kernels.int8_dynamic_mm(x, self.weight, self.float_scales, self.bias, self.dtype)
 
     def cpu_widened(self, x: torch.Tensor) -> torch.Tensor:
         """The weight widened to the activations' dtype, _WIDEN_ELEMENTS at a time, through F.linear:
