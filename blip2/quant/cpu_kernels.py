@@ -189,7 +189,11 @@ def pair_layout(weight: torch.Tensor) -> torch.Tensor:
     [ceil(N/16), ceil(K/2), 16, 2], padded with zeros."""
     n, k = weight.shape
     padded = torch.nn.functional.pad(weight, (0, k % 2, 0, -n % 16)) if k % 2 or n % 16 else weight
-    return padded.view(padded.shape[0] // 16, 16, padded.shape[1] // 2, 2).transpose(1, 2).contiguous()
+    blocks, pairs = padded.shape[0] // 16, padded.shape[1] // 2
+    # moved a pair at a time, as one element twice as wide (about twice as fast as element by element)
+    wide = {torch.bfloat16: torch.int32, torch.int8: torch.int16}[padded.dtype]
+    moved = padded.contiguous().view(wide).view(blocks, 16, pairs).transpose(1, 2).contiguous()
+    return moved.view(padded.dtype).view(blocks, pairs, 16, 2)
 
 
 def bf16_layout(weight: torch.Tensor) -> torch.Tensor:

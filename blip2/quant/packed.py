@@ -53,8 +53,8 @@ class PackedLinear(nn.Module):
     rows, or (kernel "bf16") in pairs of inputs for blip2's own bfloat16 product.
 
     The bf16 kernel reads a decoding row's weights at about 1.4x oneDNN's speed and multiplies prompts
-    at the same rate (CPUs with AVX512-BF16 and without AMX; its sums run in another order than
-    oneDNN's, within bfloat16's rounding).
+    at the same rate (CPUs with AVX512-BF16 and without AMX); it sums in oneDNN's order (full-size
+    checkpoints gave bit-identical logits).
 
     In bfloat16/float16 results are bit-identical to F.linear on the same weights for decoding rows
     and one image's patches (for thousands of rows oneDNN may sum in another order), and a decode step
