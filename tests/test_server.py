@@ -29,6 +29,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import blip2  # noqa: E402
 from blip2.apps.server import ServerSettings, build_app  # noqa: E402
 from blip2.inputs.urls import UrlPolicy  # noqa: E402
+from blip2.quant import cpu_kernels  # noqa: E402
 from checkpoints import full_checkpoint, legacy_copy  # noqa: E402
 
 NAME = "tiny-blip2"
@@ -101,6 +102,9 @@ def ask(c: openai.OpenAI, image: bytes, text: str | None, history=(), stream=Fal
 def served(request, ckpt_root):
     # bfloat16: on CPUs with AVX512-BF16 the pool's steps run blip2's own products and attention,
     # which compute each row alone, so answers among other requests are still the answers alone
+    # (oneDNN's products, elsewhere, may sum a row in another order when it comes with others)
+    if request.param.endswith("bfloat16") and cpu_kernels.pairs_library() is None:
+        pytest.skip("bfloat16 batches answer as alone only on blip2's AVX-512 products")
     lm = request.param.split("-")[0]
     path, _ = full_checkpoint(ckpt_root / f"serve-{lm}", lm, seed=57)
     if request.param == "opt-legacy":

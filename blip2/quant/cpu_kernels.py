@@ -218,6 +218,8 @@ def bf16_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n:
     if x.shape[1] % 2:
         x = torch.nn.functional.pad(x, (0, 1))
     x = x.contiguous()
+    if bias is not None and bias.dtype != torch.bfloat16:
+        bias = bias.to(torch.bfloat16)
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.bfloat16)
     if m:
@@ -237,8 +239,8 @@ def int8_pairs_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     y = torch.empty(m, n, dtype=out_dtype)
     if m:
         scratch = torch.empty(m * (k_even // 2 + 1), dtype=torch.int32)
-        pairs_library().blip2_int8_pairs_mm(x.data_ptr(), x.dtype == torch.bfloat16, m, k, k_even, weight.data_ptr(),
-                                      scales.data_ptr(), None if bias is None else bias.data_ptr(),
-                                      bias is not None and bias.dtype == torch.bfloat16, n, y.data_ptr(),
-                                      out_dtype == torch.bfloat16, scratch.data_ptr(), torch.get_num_threads())
+        pairs_library().blip2_int8_pairs_mm(
+            x.data_ptr(), x.dtype == torch.bfloat16, m, k, k_even, weight.data_ptr(), scales.data_ptr(),
+            None if bias is None else bias.data_ptr(), bias is not None and bias.dtype == torch.bfloat16, n,
+            y.data_ptr(), out_dtype == torch.bfloat16, scratch.data_ptr(), torch.get_num_threads())
     return y
