@@ -14,6 +14,7 @@ from PIL import Image
 import blip2
 from blip2.inputs.prompts import render_chat
 from blip2.apps.cli import main
+from blip2.quant.packed import kernel_for
 from checkpoints import full_checkpoint, legacy_copy, reference
 
 PROMPTS = ["a photo of", "Question: what is on the left? Answer:", ""]
@@ -212,7 +213,13 @@ def test_cli_info_and_missing_model(ckpt, capsys, tmp_path):
     assert "parameters" in float32
     # bfloat16 on a CPU packs weights in oneDNN's layout, which have no data pointer (this crashed).
     assert main(["info", "--model", str(path), "--dtype", "bfloat16"]) == 0
-    assert "GiB in memory" in capsys.readouterr().out
+    bfloat16 = capsys.readouterr().out
+    assert "GiB in memory" in bfloat16
+    # which kernels the layers run on, as chosen at load for this CPU
+    products = bfloat16.split("products: ")[1]
+    assert "language model: " in products and "vision and Q-Former: " in products
+    if kernel_for(torch.bfloat16) == "bf16":
+        assert "language model: blip2 AVX-512 bfloat16" in products
     assert main(["info", "--model", str(tmp_path / "nope")]) == 1
     assert "not a checkpoint directory" in capsys.readouterr().err
 

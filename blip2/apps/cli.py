@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import logging
 import os
@@ -20,6 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 from ..engine.dtypes import parse_device
 from ..engine.generation import GenerationConfig
 from ..engine.pipeline import load
@@ -27,6 +30,7 @@ from ..hub import DEFAULT_MODEL, resolve
 from ..inputs.images import ImageWarning, load_image
 from ..quant.formats import GROUP_SIZE, Quantization
 from ..quant.linear import QuantizedLinear
+from ..quant.packed import PackedLinear
 from ..data.job import Task, run as run_job
 from ..data.outputs import open_output
 from ..data.sources import LIST_SUFFIXES, TABLE_SUFFIXES, in_shard, list_items
@@ -150,7 +154,35 @@ def _info(args: argparse.Namespace) -> int:
     print(f"image size: {cfg.vision.image_size}, query tokens: {cfg.num_query_tokens}, "
           f"image token: {cfg.image_token_index}, end of sequence: {cfg.eos_token_ids}")
     print(f"dtype: {model.dtype}, device: {model.device}, loaded in {model.load_seconds:.2f} s")
+    print(f"products: {_products(model)}")
     return 0
+
+
+# What a layer's product runs on, by the kernel it chose at load (PackedLinear.kernel, QuantizedLinear.few_rows).
+_PRODUCTS = {"bf16": "blip2 AVX-512 bfloat16", "onednn": "oneDNN packed", "plain": "torch's F.linear",
+             "pairs_product": "blip2 AVX-512 int8", "own_product": "blip2 AVX2", "torch_kernel": "torch's weight-only kernel",
+             "cuda_int8_widened": "widened on the GPU", "cuda_int4_widened": "widened on the GPU",
+             "cpu_widened": "the weight widened", "cpu_int8_dynamic": "int8 activations"}
+
+
+def _products(model) -> str:
+    """Which kernels the linear layers run on, per part of the model: "language model: blip2 AVX-512
+    bfloat16 (193 layers); vision and Q-Former: oneDNN packed (156 layers)"."""
+    found: collections.Counter = collections.Counter()
+    for name, m in model.model.named_modules():
+        if isinstance(m, PackedLinear):
+            kernel = m.kernel
+        elif isinstance(m, QuantizedLinear):
+            kernel = _PRODUCTS.get(m.few_rows, m.few_rows)
+            if m.many_rows is not None:
+                kernel += f", from {m.many_from} rows {_PRODUCTS.get(m.many_rows, m.many_rows)}"
+        elif isinstance(m, torch.nn.Linear):
+            kernel = _PRODUCTS["plain"]
+        else:
+            continue
+        part = "language model" if name.startswith("language_model.") else "vision and Q-Former"
+        found[part, _PRODUCTS.get(kernel, kernel)] += 1
+    return "; ".join(f"{part}: {kernel} ({n} layers)" for (part, kernel), n in sorted(found.items()))
 
 
 class _Stderr(logging.Handler):
