@@ -670,10 +670,16 @@ def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    cpu_kernels.library.cache_clear()
-    cpu_kernels.pairs_library.cache_clear()
+    from blip2.models import layers
+
+    libraries = (cpu_kernels.library, cpu_kernels.pairs_library, layers._attention_library)
+    for built in libraries:
+        built.cache_clear()
     try:
         assert cpu_kernels.library() is None and not cpu_kernels.preferred() and cpu_kernels.pairs_library() is None
+        q, k = torch.randn(1, 2, 1, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
+        assert not layers._cpu_decoding(q, k, k, None)  # torch's attention serves
+        assert layers.attention(q, k, k, None).shape == (1, 2, 1, 8)
         if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
             assert "blip2's own could not be built" in caplog.text and "no-such-compiler" in caplog.text
         for mode in MODES:
@@ -681,5 +687,5 @@ def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
             layer.load_parameter("weight", torch.randn(96, 512) * 0.02)
             assert layer.few_rows == "torch_kernel" and layer(torch.randn(2, 512)).shape == (2, 96)
     finally:
-        cpu_kernels.library.cache_clear()
-        cpu_kernels.pairs_library.cache_clear()
+        for built in libraries:
+            built.cache_clear()
