@@ -166,7 +166,7 @@ def test_generation_with_single_query_attention_equals_plain(lm, ckpt_root, monk
 
 @pytest.mark.parametrize("lm", ["opt", "t5"])
 def test_bfloat16_decoding_with_cpu_attention_equals_torch_attention(lm, ckpt_root, monkeypatch):
-    # bfloat16 decoding steps take csrc/attention.cpp (OPT's boolean mask; T5's position bias and
+    # bfloat16 decoding steps take csrc/decoding.cpp (OPT's boolean mask; T5's position bias and
     # its cross-attention's padding mask); beams and their scores as with torch's kernel.
     import blip2.models.layers as layers
 
@@ -194,3 +194,25 @@ def test_bfloat16_decoding_with_cpu_attention_equals_torch_attention(lm, ckpt_ro
     theirs = run()
     assert [[t for t, _ in r] for r in ours] == [[t for t, _ in r] for r in theirs]
     assert all(abs(a - b) < 0.05 for r, s in zip(ours, theirs) for (_, a), (_, b) in zip(r, s))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 45, 64), (3, 40), (1, 0, 8)])
+def test_cpu_rms_norm_rounds_as_the_reference(shape):
+    # T5's RMS norm in bfloat16 in one pass: the reference's roundings (the normalised row to
+    # bfloat16, then times the weight), its mean of squares summed in another order: within one
+    # bfloat16 step of the reference's formula everywhere, equal almost everywhere.
+    from blip2.models.layers import cpu_rms_norm
+    from blip2.models.t5 import T5LayerNorm
+
+    torch.manual_seed(shape[-1])
+    norm = T5LayerNorm(shape[-1], 1e-6).requires_grad_(False)
+    norm.weight.data = (torch.randn(shape[-1]) * 0.5 + 1).bfloat16()
+    x = (torch.randn(*shape) * 3).bfloat16()
+    fused = cpu_rms_norm(x, norm.weight, norm.eps)
+    if fused is None:
+        pytest.skip("blip2's decoding kernels are not built here (no AVX2 or no compiler)")
+    ref = norm.weight * (x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)).bfloat16()
+    assert fused.shape == ref.shape and fused.dtype == torch.bfloat16
+    assert torch.equal(norm(x), fused)  # the module takes it
+    assert ((fused.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
+    assert x.numel() == 0 or (fused == ref).float().mean() > 0.999

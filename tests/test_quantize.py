@@ -672,7 +672,7 @@ def test_without_a_compiler_torchs_kernels_serve(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     from blip2.models import layers
 
-    libraries = (cpu_kernels.library, cpu_kernels.pairs_library, layers._attention_library)
+    libraries = (cpu_kernels.library, cpu_kernels.pairs_library, layers._decoding_library)
     for built in libraries:
         built.cache_clear()
     try:

@@ -65,25 +65,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
-# A decoding step's attention on the CPU in bfloat16: torch's fused kernels, tiled for many queries,
-# spend most of each call setting up; csrc/attention.cpp computes one query per row directly.
-ATTENTION_SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-ATTENTION_FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+# A decoding step's small operations on the CPU in bfloat16 (csrc/decoding.cpp): torch's fused
+# attention, tiled for many queries, and its eight operators of T5's RMS norm spend most of each call
+# setting up; these compute one query per row, and a norm in one pass.
+DECODING_SOURCE = Path(__file__).with_name("csrc") / "decoding.cpp"
+DECODING_FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 
 
 @functools.cache
-def _attention_library() -> ctypes.CDLL | None:
+def _decoding_library() -> ctypes.CDLL | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):
         return None
     try:
-        lib = build(ATTENTION_SOURCE, ATTENTION_FLAGS)
+        lib = build(DECODING_SOURCE, DECODING_FLAGS)
     except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("decoding attention uses torch's kernel: blip2's own could not be built: %s", e)
+        log.warning("decoding attention and RMS norms use torch's operators: blip2's own could not be built: %s", e)
         return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.blip2_single_query_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ctypes.c_int, ptr,
-                                                 ptr, ctypes.c_int]
+    ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.blip2_single_query_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, flag, ptr, ptr, flag]
     lib.blip2_single_query_attention.restype = None
+    lib.blip2_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, flag]
+    lib.blip2_rms_norm.restype = None
     return lib
 
 
@@ -92,12 +94,12 @@ def _cpu_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             and not (q.requires_grad or k.requires_grad or v.requires_grad)
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and (mask is None or mask.dtype in (torch.bool, torch.bfloat16))
-            and _attention_library() is not None)
+            and _decoding_library() is not None)
 
 
 def cpu_single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                mask: torch.Tensor | None) -> torch.Tensor:
-    """`attention` for one bfloat16 query per row on the CPU (csrc/attention.cpp): float32 scores,
+    """`attention` for one bfloat16 query per row on the CPU (csrc/decoding.cpp): float32 scores,
     softmax and sums, as in torch's fused kernels, in another order (within bfloat16's rounding)."""
     b, h, _, d = q.shape
     length = k.shape[2]
@@ -107,7 +109,7 @@ def cpu_single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         mask = mask.expand(b, h, 1, length)
         kind, mask_strides = (1 if mask.dtype == torch.bool else 2), (mask.stride(0), mask.stride(1), mask.stride(3))
     strides = lambda *values: (ctypes.c_int64 * len(values))(*values)  # noqa: E731
-    _attention_library().blip2_single_query_attention(
+    _decoding_library().blip2_single_query_attention(
         q.data_ptr(), strides(q.stride(0), q.stride(1)), k.data_ptr(), v.data_ptr(),
         strides(k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)), b, h, length, d,
         None if mask is None else mask.data_ptr(), kind, strides(*mask_strides), out.data_ptr(), torch.get_num_threads())
@@ -129,6 +131,20 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+
+
+def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """T5's RMS norm of bfloat16 x with a bfloat16 weight in one pass (csrc/decoding.cpp), or None
+    where it does not apply (another dtype or device, autograd, no compiled kernel)."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not x.requires_grad
+            and not weight.requires_grad and _decoding_library() is not None):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dim = x.shape[-1]
+    _decoding_library().blip2_rms_norm(x.data_ptr(), x.numel() // dim if dim else 0, dim, weight.data_ptr(), eps,
+                                       out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 class KVCache:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import T5Config
-from .layers import ACT, KVCache, attention, embedding, linear_names
+from .layers import ACT, KVCache, attention, cpu_rms_norm, embedding, linear_names
 
 
 class T5LayerNorm(nn.Module):
@@ -24,6 +24,9 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = cpu_rms_norm(x, self.weight, self.eps)  # bfloat16 on a CPU: one pass
+        if fused is not None:
+            return fused
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
