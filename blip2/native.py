@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -26,6 +29,20 @@ def cpu_flags() -> frozenset[str]:
                                   "").split())
     except OSError:
         return frozenset()
+
+
+def load(source: Path, flags: tuple[str, ...], signatures: dict[str, list], instead: str) -> ctypes.CDLL | None:
+    """The library built from `source` with its functions' argument types set (all return void), or
+    None where it cannot be built: then a warning says what serves `instead`, and why."""
+    try:
+        lib = build(source, flags)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("%s: blip2's own could not be built: %s", instead, e)
+        return None
+    for name, argtypes in signatures.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, None
+    return lib
 
 
 def build(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:

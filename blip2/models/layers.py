@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import math
-import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -14,9 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native import build
-
-log = logging.getLogger(__name__)
+from ..native import load
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -76,17 +72,11 @@ DECODING_FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-sha
 def _decoding_library() -> ctypes.CDLL | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512", "AVX512_BF16", "AMX"):
         return None
-    try:
-        lib = build(DECODING_SOURCE, DECODING_FLAGS)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("decoding attention and RMS norms use torch's operators: blip2's own could not be built: %s", e)
-        return None
     ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.blip2_single_query_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, flag, ptr, ptr, flag]
-    lib.blip2_single_query_attention.restype = None
-    lib.blip2_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr, flag]
-    lib.blip2_rms_norm.restype = None
-    return lib
+    return load(DECODING_SOURCE, DECODING_FLAGS,
+                {"blip2_single_query_attention": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, flag, ptr, ptr, flag],
+                 "blip2_rms_norm": [ptr, i64, i64, ptr, ctypes.c_float, ptr, flag]},
+                "decoding attention and RMS norms use torch's operators")
 
 
 def _cpu_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:

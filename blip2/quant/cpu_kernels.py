@@ -26,15 +26,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
-from ..native import build, cpu_flags
-
-log = logging.getLogger(__name__)
+from ..native import cpu_flags, load
 
 BLOCK = 32  # rows per block of torch's AVX2 int4 layout, the only one int4_mm reads
 CHUNK = 2  # activation rows multiplied per pass over the weights (registers: 4 accumulators a row)
@@ -50,17 +46,12 @@ def library() -> ctypes.CDLL | None:
     says so once and torch's kernels serve)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
-    try:
-        lib = build(SOURCE, FLAGS)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("int8/int4 products use torch's CPU kernels (slower on an AVX2 machine): "
-                    "blip2's own could not be built: %s", e)
-        return None
     ptr = ctypes.c_void_p
-    lib.blip2_int4_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, _INT, _INT, ptr, ctypes.c_int]
-    lib.blip2_int4_mm.restype = ctypes.c_int
-    lib.blip2_int8_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, ctypes.c_int, _INT, ptr, ctypes.c_int]
-    lib.blip2_int8_mm.restype = None
+    lib = load(SOURCE, FLAGS, {"blip2_int4_mm": [ptr, _INT, _INT, ptr, ptr, _INT, _INT, ptr, ctypes.c_int],
+                               "blip2_int8_mm": [ptr, _INT, _INT, ptr, ptr, ctypes.c_int, _INT, ptr, ctypes.c_int]},
+               "int8/int4 products use torch's CPU kernels (slower on an AVX2 machine)")
+    if lib is not None:
+        lib.blip2_int4_mm.restype = ctypes.c_int  # nonzero: out of memory
     return lib
 
 
@@ -116,17 +107,11 @@ def dynamic_library() -> ctypes.CDLL | None:
     """The dynamic-activation passes, or None where they do not pay or cannot be built."""
     if not int8_units():
         return None
-    try:
-        lib = build(DYNAMIC_SOURCE, DYNAMIC_FLAGS)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("int8 layers widen their weights for many rows: the dynamic int8 passes could not be built: %s", e)
-        return None
-    ptr = ctypes.c_void_p
-    lib.blip2_quantize_rows.argtypes = [ptr, ctypes.c_int, _INT, _INT, ptr, ptr, ctypes.c_int]
-    lib.blip2_quantize_rows.restype = None
-    lib.blip2_scale_rows.argtypes = [ptr, _INT, _INT, ptr, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int, ctypes.c_int]
-    lib.blip2_scale_rows.restype = None
-    return lib
+    ptr, flag = ctypes.c_void_p, ctypes.c_int
+    return load(DYNAMIC_SOURCE, DYNAMIC_FLAGS,
+                {"blip2_quantize_rows": [ptr, flag, _INT, _INT, ptr, ptr, flag],
+                 "blip2_scale_rows": [ptr, _INT, _INT, ptr, ptr, ptr, flag, ptr, flag, flag]},
+                "int8 layers widen their weights for many rows")
 
 
 def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
@@ -171,17 +156,11 @@ def pairs_library() -> ctypes.CDLL | None:
     """The products on the pair layout, or None where they do not pay or cannot be built."""
     if not pair_units():
         return None
-    try:
-        lib = build(PAIRS_SOURCE, PAIRS_FLAGS)
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("bfloat16 and int8 layers use oneDNN's and torch's products: blip2's own could not be built: %s", e)
-        return None
     ptr, flag = ctypes.c_void_p, ctypes.c_int
-    lib.blip2_bf16_mm.argtypes = [ptr, _INT, _INT, ptr, ptr, _INT, ptr, flag]
-    lib.blip2_bf16_mm.restype = None
-    lib.blip2_int8_pairs_mm.argtypes = [ptr, flag, _INT, _INT, _INT, ptr, ptr, ptr, flag, _INT, ptr, flag, ptr, flag]
-    lib.blip2_int8_pairs_mm.restype = None
-    return lib
+    return load(PAIRS_SOURCE, PAIRS_FLAGS,
+                {"blip2_bf16_mm": [ptr, _INT, _INT, ptr, ptr, _INT, ptr, flag],
+                 "blip2_int8_pairs_mm": [ptr, flag, _INT, _INT, _INT, ptr, ptr, ptr, flag, _INT, ptr, flag, ptr, flag]},
+                "bfloat16 and int8 layers use oneDNN's and torch's products")
 
 
 def pair_layout(weight: torch.Tensor) -> torch.Tensor:
