@@ -4,9 +4,9 @@
 
 `blip2 bench run` divides each system's decoding time by a floor from the fastest memory read it
 measured in the run; on a shared machine whose read rate moves by 2x from minute to minute that
-mixes phases. Here each round measures the read rate (summing a 2 GB float32 tensor, best of 3)
-just before and just after timing a decoded token (21 minus 1 greedy tokens, over 20), and prints
-the token's time over the weights it must read at that rate.
+mixes phases. Here each round measures the read rate as the benchmark does (summing a 2 GB float32
+tensor; best of 3) just before and just after timing a decoded token (21 minus 1 greedy tokens, over
+20), and prints the token's time over the weights it must read at that rate.
 """
 
 from __future__ import annotations
@@ -20,13 +20,8 @@ from pathlib import Path
 import torch
 
 import blip2
-from blip2.apps.bench.machine import stored_shapes, work
+from blip2.apps.bench.machine import memory_read_gbs, stored_shapes, work
 from blip2.apps.bench.checkpoints import write_images
-
-
-def read_rate(x: torch.Tensor) -> float:
-    best = min(_timed(x.sum) for _ in range(3))
-    return x.nbytes / best / 1e9
 
 
 def _timed(f) -> float:
@@ -49,12 +44,11 @@ def main() -> int:
     prompt = "Question: how many dogs are in the picture? Answer:"
     answer = lambda n: _timed(lambda: model.generate(image, prompt, max_new_tokens=n, min_new_tokens=n))  # noqa: E731
     answer(2)
-    x = torch.randn(512 * 1024 * 1024)
     ratios = []
     for _ in range(args.rounds):
-        before = read_rate(x)
+        before = memory_read_gbs(tries=3)
         step = (answer(21) - answer(1)) / 20
-        after = read_rate(x)
+        after = memory_read_gbs(tries=3)
         floor = step_bytes / ((before + after) / 2 * 1e9)
         ratios.append(step / floor)
         print(f"read {before:.1f} / {after:.1f} GB/s, token {step * 1e3:.1f} ms, floor {floor * 1e3:.1f} ms, "

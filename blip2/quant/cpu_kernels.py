@@ -208,12 +208,12 @@ def bf16_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n:
 
 
 def int8_pairs_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int,
-                  k: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """x [M, k] (bfloat16 or float32) times an int8 weight in pair_layout with N outputs, each scaled by
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """x [M, K] (bfloat16 or float32) times an int8 weight in pair_layout with N outputs, each scaled by
     scales[N] (float32), plus a bias (bfloat16 or float32): [M, N] in out_dtype (bfloat16 or float32).
     x is quantized to 16 bits per row (steps of its largest magnitude / 32767) and multiplied as integers."""
     x = x.contiguous()
-    m = x.shape[0]
+    m, k = x.shape
     k_even = weight.shape[1] * 2
     y = torch.empty(m, n, dtype=out_dtype)
     if m:

@@ -210,8 +210,7 @@ class QuantizedLinear(nn.Module):
     def pairs_product(self, x: torch.Tensor) -> torch.Tensor:
         """blip2's AVX-512 int8 product (cpu_kernels.int8_pairs_mm): x in 16-bit steps of each row's
         largest magnitude, integer sums, the scales and the bias applied on the way out."""
-        return cpu_kernels.int8_pairs_mm(x, self.weight, self.scales, self.bias, self.out_features, self.in_features,
-                                         self.dtype)
+        return cpu_kernels.int8_pairs_mm(x, self.weight, self.scales, self.bias, self.out_features, self.dtype)
 
     def cuda_int8_widened(self, x: torch.Tensor) -> torch.Tensor:
         """CUDA int8: the weight widened (int8 values are exact in half precision) and the scales applied

@@ -77,7 +77,7 @@ class PackedLinear(nn.Module):
         if name == "weight":
             pack = (cpu_kernels.bf16_layout if self.kernel == "bf16"
                     else functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=self.rows))
-            self._packing = self.packer.submit(pack, value) if self.packer else _packed_now(pack, value)
+            self._packing = _submit(self.packer, pack, value)
             return
         self._parameters[name] = nn.Parameter(value, requires_grad=False)
 
@@ -108,8 +108,7 @@ class PackedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
-        pack = cpu_kernels.bf16_layout
-        self._packing = self.packer.submit(pack, value) if self.packer else _packed_now(pack, value)
+        self._packing = _submit(self.packer, cpu_kernels.bf16_layout, value)
 
     finish_loading = PackedLinear.finish_loading
 
@@ -127,6 +126,12 @@ def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer) -> N
     parent, _, name = table.rpartition(".")
     embedding = model.get_submodule(table)
     setattr(model.get_submodule(parent), name, PackedEmbedding(embedding.num_embeddings, embedding.embedding_dim, packer))
+
+
+def _submit(packer: Packer | None, pack: Callable[[torch.Tensor], torch.Tensor],
+            weight: torch.Tensor) -> concurrent.futures.Future:
+    """`weight` packed by `pack` on the packer's thread, or at once where there is no packer."""
+    return packer.submit(pack, weight) if packer else _packed_now(pack, weight)
 
 
 def _packed_now(pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> concurrent.futures.Future:

@@ -22,29 +22,35 @@ def measure_ceilings(dtype: str = "bfloat16", quick: bool = False, device: str =
     matmul_gflops, the compute ceiling, is the faster of the two: on CPUs without AMX, oneDNN's
     bfloat16 kernels can be slower than float32 ones, and an engine may compute in either.
     """
-    def best(fn: Callable[[], object], tries: int) -> float:
-        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-        fn = (lambda f=fn: (f(), sync()))
-        fn()
-        times = []
-        for _ in range(tries):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    x = torch.ones((256 if quick else 2000) * 10**6 // 4, device=device)
-    bandwidth = x.nbytes / best(x.sum, 5) / 1e9
-    del x
     n = 1024 if quick else 4096
-    out = {"bandwidth_gbs": bandwidth}
+    out = {"bandwidth_gbs": memory_read_gbs(device, quick)}
     for name in dict.fromkeys([dtype, "float32"]):
         a, b = (torch.randn(n, n, device=device).to(getattr(torch, name)) for _ in range(2))
         # a @ b and a @ b.T (what nn.Linear computes) take different kernels: the faster one counts.
-        seconds = min(best(lambda: a @ b, 3), best(lambda: torch.nn.functional.linear(a, b), 3))
+        seconds = min(_best(lambda: a @ b, 3, device), _best(lambda: torch.nn.functional.linear(a, b), 3, device))
         out[f"matmul_gflops_{name}"] = 2 * n**3 / seconds / 1e9
     out["matmul_gflops"] = max(out[f"matmul_gflops_{name}"] for name in (dtype, "float32"))
     return out
+
+
+def memory_read_gbs(device: str = "cpu", quick: bool = False, tries: int = 5) -> float:
+    """Memory read bandwidth in GB/s: summing a 2 GB float32 tensor (256 MB when quick), the best of
+    `tries` after one untimed pass."""
+    x = torch.ones((256 if quick else 2000) * 10**6 // 4, device=device)
+    return x.nbytes / _best(x.sum, tries, device) / 1e9
+
+
+def _best(fn: Callable[[], object], tries: int, device: str) -> float:
+    """The fastest of `tries` timed calls of fn (after one untimed), waiting for the GPU on CUDA."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn = (lambda f=fn: (f(), sync()))
+    fn()
+    times = []
+    for _ in range(tries):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def cpu_seconds() -> tuple[float, float]:

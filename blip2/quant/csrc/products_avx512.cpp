@@ -48,10 +48,11 @@ struct Int8 {  // int8 weights, 16-bit activations; 128 pairs a chunk (the integ
     static __m512 to_float(Acc acc) { return _mm512_cvtepi32_ps(acc); }
 };
 
-// sums[MR][NB*16] (+)= x[MR rows, pairs p0..p1) . w[NB blocks, pairs p0..p1)
+// sums[MR][NB*16] (+)= x[MR rows, pairs p0..p1) . w[NB blocks, pairs p0..p1); x's rows and w's blocks
+// both hold `pairs` pairs (x padded as the weight is)
 template <class K, int MR, int NB>
-void tile(const uint32_t* x, int64_t x_pairs, const typename K::Weight* w, int64_t pairs, int64_t p0, int64_t p1,
-          float* sums, bool first) {
+void tile(const uint32_t* x, const typename K::Weight* w, int64_t pairs, int64_t p0, int64_t p1, float* sums,
+          bool first) {
     typename K::Acc acc[MR][NB];
     for (int i = 0; i < MR; ++i)
         for (int j = 0; j < NB; ++j) acc[i][j] = K::zero();
@@ -59,7 +60,7 @@ void tile(const uint32_t* x, int64_t x_pairs, const typename K::Weight* w, int64
         __m512i line[NB];
         for (int j = 0; j < NB; ++j) line[j] = K::line(w + (j * pairs + p) * K::LINE);
         for (int i = 0; i < MR; ++i) {
-            const __m512i pair = _mm512_set1_epi32(static_cast<int>(x[i * x_pairs + p]));
+            const __m512i pair = _mm512_set1_epi32(static_cast<int>(x[i * pairs + p]));
             for (int j = 0; j < NB; ++j) acc[i][j] = K::step(acc[i][j], pair, line[j]);
         }
     }
@@ -72,13 +73,13 @@ void tile(const uint32_t* x, int64_t x_pairs, const typename K::Weight* w, int64
 }
 
 template <class K, int NB>
-void rows_of_tiles(int rows, const uint32_t* x, int64_t x_pairs, const typename K::Weight* w, int64_t pairs,
-                   int64_t p0, int64_t p1, float* sums, bool first) {
+void rows_of_tiles(int rows, const uint32_t* x, const typename K::Weight* w, int64_t pairs, int64_t p0, int64_t p1,
+                   float* sums, bool first) {
     switch (rows) {
-        case 4: tile<K, 4, NB>(x, x_pairs, w, pairs, p0, p1, sums, first); break;
-        case 3: tile<K, 3, NB>(x, x_pairs, w, pairs, p0, p1, sums, first); break;
-        case 2: tile<K, 2, NB>(x, x_pairs, w, pairs, p0, p1, sums, first); break;
-        case 1: tile<K, 1, NB>(x, x_pairs, w, pairs, p0, p1, sums, first); break;
+        case 4: tile<K, 4, NB>(x, w, pairs, p0, p1, sums, first); break;
+        case 3: tile<K, 3, NB>(x, w, pairs, p0, p1, sums, first); break;
+        case 2: tile<K, 2, NB>(x, w, pairs, p0, p1, sums, first); break;
+        case 1: tile<K, 1, NB>(x, w, pairs, p0, p1, sums, first); break;
     }
 }
 
@@ -117,23 +118,23 @@ void write_row(const float* sums, int64_t row, int64_t col0, int64_t cols, const
 
 // One panel of NB blocks (NB * 16 outputs from column col0), all m rows; sums: m * NB * 16 floats.
 template <class K, int NB>
-void panel(const uint32_t* x, int64_t m, int64_t x_pairs, const typename K::Weight* w, int64_t pairs, int64_t col0,
-           const Output& out, float* sums) {
+void panel(const uint32_t* x, int64_t m, const typename K::Weight* w, int64_t pairs, int64_t col0, const Output& out,
+           float* sums) {
     for (int64_t p0 = 0; p0 < pairs; p0 += K::PAIRS_PER_CHUNK) {
         const int64_t p1 = std::min(pairs, p0 + K::PAIRS_PER_CHUNK);
         for (int64_t i = 0; i < m; i += ROWS)
-            rows_of_tiles<K, NB>(static_cast<int>(std::min<int64_t>(ROWS, m - i)), x + i * x_pairs, x_pairs, w, pairs,
-                                 p0, p1, sums + i * NB * 16, p0 == 0);
+            rows_of_tiles<K, NB>(static_cast<int>(std::min<int64_t>(ROWS, m - i)), x + i * pairs, w, pairs, p0, p1,
+                                 sums + i * NB * 16, p0 == 0);
     }
     const int64_t cols = std::min<int64_t>(NB * 16, out.n - col0);
     for (int64_t r = 0; r < m; ++r) write_row(sums + r * NB * 16, r, col0, cols, out);
 }
 
-// x: m rows of x_pairs pairs (32-bit words of two 16-bit values) over panels of 4 blocks, threaded.
+// x: m rows of `pairs` pairs (32-bit words of two 16-bit values) over panels of 4 blocks, threaded.
 template <class K>
-void product(const uint32_t* x, int64_t m, int64_t x_pairs, const typename K::Weight* w, const Output& out,
+void product(const uint32_t* x, int64_t m, int64_t pairs, const typename K::Weight* w, const Output& out,
              int threads) {
-    const int64_t pairs = x_pairs, blocks = (out.n + 15) / 16, panels = (blocks + 3) / 4;
+    const int64_t blocks = (out.n + 15) / 16, panels = (blocks + 3) / 4;
 #pragma omp parallel num_threads(threads)
     {
         std::vector<float> sums(static_cast<size_t>(m) * 64);
@@ -142,10 +143,10 @@ void product(const uint32_t* x, int64_t m, int64_t x_pairs, const typename K::We
             const int64_t b = q * 4;
             const typename K::Weight* wq = w + b * pairs * K::LINE;
             switch (std::min<int64_t>(4, blocks - b)) {
-                case 4: panel<K, 4>(x, m, x_pairs, wq, pairs, b * 16, out, sums.data()); break;
-                case 3: panel<K, 3>(x, m, x_pairs, wq, pairs, b * 16, out, sums.data()); break;
-                case 2: panel<K, 2>(x, m, x_pairs, wq, pairs, b * 16, out, sums.data()); break;
-                case 1: panel<K, 1>(x, m, x_pairs, wq, pairs, b * 16, out, sums.data()); break;
+                case 4: panel<K, 4>(x, m, wq, pairs, b * 16, out, sums.data()); break;
+                case 3: panel<K, 3>(x, m, wq, pairs, b * 16, out, sums.data()); break;
+                case 2: panel<K, 2>(x, m, wq, pairs, b * 16, out, sums.data()); break;
+                case 1: panel<K, 1>(x, m, wq, pairs, b * 16, out, sums.data()); break;
             }
         }
     }
