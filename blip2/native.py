@@ -1,7 +1,8 @@
 """blip2's C++ kernels: compiled on first use by the machine's C++ compiler (g++, c++ or $CXX; about a
-second each, cached in ~/.cache/blip2/kernels under a hash of the source, flags and torch version),
-loaded with ctypes, threaded with OpenMP: the libgomp torch runs on (same soname, loaded once), so
-their threads are torch's. Each kernel is a source file beside the Python that calls it."""
+second each, cached in ~/.cache/blip2/kernels under a hash of the source, the shared headers, the
+flags and torch's version), loaded with ctypes, threaded with OpenMP: the libgomp torch runs on (same
+soname, loaded once), so their threads are torch's. Each kernel is a source file beside the Python
+that calls it; what several share is a header in blip2/csrc."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
+
+HEADERS = Path(__file__).with_name("csrc")  # shared by several kernels; part of every cache key
 
 
 @functools.cache
@@ -48,8 +51,10 @@ def load(source: Path, flags: tuple[str, ...], signatures: dict[str, list], inst
 def build(source: Path, flags: tuple[str, ...]) -> ctypes.CDLL:
     """The library compiled from `source` with `flags` (from the cache when there); raises OSError,
     subprocess.SubprocessError or RuntimeError where it cannot be built or loaded."""
-    key = hashlib.sha256((source.read_text() + " ".join(flags) + torch.__version__).encode()).hexdigest()[:16]
-    return ctypes.CDLL(str(_compiled(f"{source.stem}-{key}.so", source, flags)))
+    flags = (*flags, f"-I{HEADERS}")
+    headers = "".join(path.read_text() for path in sorted(HEADERS.glob("*.h")))
+    key = hashlib.sha256((source.read_text() + headers + " ".join(flags) + torch.__version__).encode()).hexdigest()
+    return ctypes.CDLL(str(_compiled(f"{source.stem}-{key[:16]}.so", source, flags)))
 
 
 def _cache_dir() -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -88,9 +89,13 @@ def test_importing_sets_no_environment_and_starts_no_threads():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
 
 
-def test_c_kernels_are_source_files_in_the_package():
-    assert (PACKAGE / "quant" / "csrc" / "products_avx2.cpp").is_file()
-    assert "#include" not in (PACKAGE / "quant" / "cpu_kernels.py").read_text()
+def test_an_installed_package_carries_every_kernel_source_and_data_file():
+    """A wheel holds what package-data names: the C++ sources and headers the kernels compile from."""
+    globs = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["blip2"]
+    files = [p.relative_to(PACKAGE) for p in PACKAGE.rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert any(f.suffix == ".h" for f in files) and any(f.suffix == ".cpp" for f in files)
+    assert [str(f) for f in files if not any(f.match(g) and len(f.parts) == len(Path(g).parts) for g in globs)] == []
 
 
 def test_trainable_parameters_learn_through_the_whole_model(ckpt_root):

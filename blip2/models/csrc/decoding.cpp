@@ -11,30 +11,12 @@
 // T5's RMS norm of bfloat16 rows, in one pass where torch takes eight operators (73 norms a Flan-T5
 // decoding step, about 2.8 ms of its 65): the reference's steps and roundings, the mean of squares
 // summed in float32 in another order.
-#include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
-namespace {
+#include "bf16.h"
 
-inline float from_bf16(uint16_t v) {
-    const uint32_t u = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7F800000u) == 0x7F800000u) return static_cast<uint16_t>((u >> 16) | ((u & 0xFFFF) ? 0x40 : 0));
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
-
-}  // namespace
+using namespace blip2;
 
 extern "C" void blip2_single_query_attention(const uint16_t* q, const int64_t* q_strides, const uint16_t* k,
                                              const uint16_t* v, const int64_t* kv_strides, int64_t batch,

@@ -1,51 +1,17 @@
 // Dynamic int8 activations for many-row products on CPUs with AVX-512 VNNI (quant/cpu_kernels.py):
 // each row of the activations quantized to int8 by its largest magnitude, the int32 products
 // (torch._int_mm) scaled back by row and column scales with the bias, in one pass each.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include "bf16.h"
 
-static inline float from_bf16(uint16_t v) {
-    uint32_t u = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch rounds (no NaN here)
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return static_cast<uint16_t>(u >> 16);
-}
-
-template <typename T, float (*load)(T)>
-static void quantize_rows(const T* x, int64_t rows, int64_t cols, int8_t* q, float* scales, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t m = 0; m < rows; ++m) {
-        const T* row = x + m * cols;
-        float largest = 0.f;
-#pragma omp simd reduction(max : largest)
-        for (int64_t k = 0; k < cols; ++k) largest = std::max(largest, std::fabs(load(row[k])));
-        const float scale = largest > 0.f ? largest / 127.f : 1.f;
-        const float inverse = 1.f / scale;
-        scales[m] = scale;
-        int8_t* out = q + m * cols;
-#pragma omp simd
-        for (int64_t k = 0; k < cols; ++k)
-            out[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(load(row[k]) * inverse))));
-    }
-}
-
-static inline float as_float(float v) { return v; }
+using namespace blip2;
 
 extern "C" void blip2_quantize_rows(const void* x, int bf16, int64_t rows, int64_t cols, int8_t* q, float* scales,
                                     int threads) {
     if (bf16)
-        quantize_rows<uint16_t, from_bf16>(static_cast<const uint16_t*>(x), rows, cols, q, scales, threads);
+        quantize_rows<int8_t, uint16_t, from_bf16>(static_cast<const uint16_t*>(x), rows, cols, cols, q, scales, 127.f,
+                                                   threads);
     else
-        quantize_rows<float, as_float>(static_cast<const float*>(x), rows, cols, q, scales, threads);
+        quantize_rows<int8_t, float, as_float>(static_cast<const float*>(x), rows, cols, cols, q, scales, 127.f, threads);
 }
 
 template <typename B>
