@@ -34,6 +34,14 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+def pair_units() -> bool:
+    """Whether blip2's products on weights laid out in pairs pay here (blip2/csrc/pairs_avx512.h): a CPU
+    with AVX512-BF16 and VNNI and without AMX (whose tile units oneDNN and torch use), torch on AVX-512."""
+    flags = cpu_flags()
+    return (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16")
+            and {"avx512_bf16", "avx512_vnni"} <= flags and "amx_bf16" not in flags)
+
+
 def load(source: Path, flags: tuple[str, ...], signatures: dict[str, list], instead: str) -> ctypes.CDLL | None:
     """The library built from `source` with its functions' argument types set (all return void), or
     None where it cannot be built: then a warning says what serves `instead`, and why."""

@@ -47,7 +47,10 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
     dec = None if lm == "opt" else torch.tensor([[0, 4, 5], [0, 6, 7]])
     px = pixels(2, 28)
-    # Half precision: bit-identical. float32: oneDNN's products round differently from MKL's.
+    # Half precision: bit-identical, with the activations applied after the product's rounding as the
+    # plain path does (test_fused_activations_round_once). float32: oneDNN's products round
+    # differently from MKL's.
+    monkeypatch.setattr(PackedLinear, "activated", lambda *a: None)
     same = torch.equal if dtype == "bfloat16" else lambda a, b: rel_err(a, b) < 1e-5
     assert same(packed.forward(px, ids, mask, dec), plain.forward(px, ids, mask, dec))
     with torch.inference_mode():
@@ -75,6 +78,47 @@ def test_bf16_product_rounds_the_exact_product(m, k, n, bias):
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     assert ((y.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-3).all()
     assert m == 0 or rel_err(y.float(), F.linear(x, w, b).float()) < 5e-3  # and oneDNN's, within rounding
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_fused_activations_round_once(activation, dtype):
+    # oneDNN applies relu/gelu to the product's float32 sums: one rounding where the plain path has
+    # two, so in bfloat16 at least as close to the exact result; float32 within its rounding.
+    dt = getattr(torch, dtype)
+    if not can_pack(dt, torch.device("cpu")):
+        pytest.skip(f"oneDNN cannot pack {dtype} weights on this CPU")
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, 37, 96).to(dt), torch.randn(200, 96).to(dt), torch.randn(200).to(dt)
+    layer = PackedLinear(96, 200, kernel="onednn")
+    layer.load_parameter("weight", w)
+    layer.load_parameter("bias", b)
+    layer.finish_loading()
+    fused = blip2.models.layers.activated(layer, activation, x)
+    act = blip2.models.layers.ACT[activation]
+    plain, exact = act(F.linear(x, w, b)), act(F.linear(x.double(), w.double(), b.double()))
+    assert fused.shape == plain.shape and fused.dtype == dt
+    assert rel_err(fused.double(), exact) <= max(rel_err(plain.double(), exact), 1e-6)
+    assert layer.activated(x, "gelu_new") is None  # not oneDNN's formula: applied after the product
+
+
+@pytest.mark.parametrize("b,h,length,d", [(2, 16, 257, 88), (1, 3, 17, 40), (2, 2, 33, 22), (1, 2, 1, 8)])
+def test_cpu_image_attention_equals_torch_attention(b, h, length, d):
+    # The image encoder's attention: q, k, v strided views of one [B, L, 3, H, D] product, as the
+    # encoder makes them; ViT-g's shape, odd lengths, D not a multiple of 16, a single position.
+    from blip2.models.layers import cpu_image_attention
+
+    torch.manual_seed(length)
+    q, k, v = (torch.randn(b, length, 3, h, d) * 2).bfloat16().permute(2, 0, 3, 1, 4)
+    ours = cpu_image_attention(q, k, v)
+    if ours is None:
+        pytest.skip("needs AVX512-BF16 and VNNI without AMX, and a C++ compiler")
+    as_rows = lambda out: out.transpose(1, 2).reshape(b, length, h * d)  # noqa: E731
+    exact = as_rows(F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+    torch_bf16 = as_rows(F.scaled_dot_product_attention(q, k, v))
+    assert ours.shape == torch_bf16.shape and ours.dtype == torch.bfloat16
+    assert rel_err(ours.double(), exact) <= max(rel_err(torch_bf16.double(), exact) * 1.5, 1e-3)
+    assert cpu_image_attention(q.float(), k.float(), v.float()) is None
 
 
 @pytest.mark.parametrize("b,h,length,d,mask", [(1, 32, 65, 80, "bool"), (2, 4, 7, 8, "additive"), (3, 2, 1, 64, None),

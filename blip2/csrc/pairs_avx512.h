@@ -92,6 +92,7 @@ struct Output {
     const float* row_scales;     // int8: x's per-row scales, else null
     const float* column_scales;  // int8: the weight's per-output scales, else null
     int64_t n;
+    int64_t stride = 0;  // elements from one row of y to the next; 0: n
 };
 
 inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
@@ -99,6 +100,7 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
 }
 
 void write_row(const float* sums, int64_t row, int64_t col0, int64_t cols, const Output& out) {
+    const int64_t stride = out.stride ? out.stride : out.n;
     for (int64_t c = 0; c < cols; c += 16) {
         const __mmask16 mask = cols - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - c)) - 1);
         const int64_t at = col0 + c;
@@ -110,9 +112,9 @@ void write_row(const float* sums, int64_t row, int64_t col0, int64_t cols, const
             v = _mm512_add_ps(v, out.bias_bf16 ? load_bf16(static_cast<const uint16_t*>(out.bias) + at, mask)
                                                : _mm512_maskz_loadu_ps(mask, static_cast<const float*>(out.bias) + at));
         if (out.y_bf16)
-            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + row * out.n + at, mask, (__m256i)_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16(static_cast<uint16_t*>(out.y) + row * stride + at, mask, (__m256i)_mm512_cvtneps_pbh(v));
         else
-            _mm512_mask_storeu_ps(static_cast<float*>(out.y) + row * out.n + at, mask, v);
+            _mm512_mask_storeu_ps(static_cast<float*>(out.y) + row * stride + at, mask, v);
     }
 }
 

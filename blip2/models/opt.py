@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import OPTConfig
-from .layers import ACT, KVCache, attention, embedding, linear_names
+from .layers import KVCache, activated, attention, embedding, linear_names
 
 # OPT's learned position table has two extra rows in front (a fairseq legacy); position p reads row p + 2.
 POSITION_OFFSET = 2
@@ -43,7 +43,7 @@ class OPTLayer(nn.Module):
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         self.pre_ln = cfg.do_layer_norm_before
-        self.act = ACT[cfg.activation_function]
+        self.act = cfg.activation_function
         affine = cfg.layer_norm_elementwise_affine
         self.self_attn = OPTAttention(cfg)
         self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
@@ -54,9 +54,9 @@ class OPTLayer(nn.Module):
     def forward(self, x, mask, cache, layer, cache_pos):
         if self.pre_ln:
             x = x + self.self_attn(self.self_attn_layer_norm(x), mask, cache, layer, cache_pos)
-            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+            return x + self.fc2(activated(self.fc1, self.act, self.final_layer_norm(x)))
         x = self.self_attn_layer_norm(x + self.self_attn(x, mask, cache, layer, cache_pos))
-        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+        return self.final_layer_norm(x + self.fc2(activated(self.fc1, self.act, x)))
 
 
 class OPTDecoder(nn.Module):

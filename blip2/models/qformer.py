@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import QFormerConfig
-from .layers import ACT, linear_names
+from .layers import activated, linear_names
 
 
 class MultiHeadAttention(nn.Module):
@@ -56,10 +56,10 @@ class Intermediate(nn.Module):
     def __init__(self, cfg: QFormerConfig):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = ACT[cfg.hidden_act]
+        self.act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(x))
+        return activated(self.dense, self.act, x)
 
 
 class QFormerLayer(nn.Module):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from .layers import ACT, linear_names
+from .layers import activated, cpu_image_attention, linear_names
 
 
 class VisionEmbeddings(nn.Module):
@@ -62,19 +62,21 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.projection(out.transpose(1, 2).reshape(b, n, d))
+        out = cpu_image_attention(q, k, v)
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        return self.projection(out)
 
 
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.act = ACT[cfg.hidden_act]
+        self.act = cfg.hidden_act
         self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(activated(self.fc1, self.act, x))
 
 
 class VisionLayer(nn.Module):

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..native import cpu_flags, load
+from ..native import cpu_flags, load, pair_units
 
 BLOCK = 32  # rows per block of torch's AVX2 int4 layout, the only one int4_mm reads
 CHUNK = 2  # activation rows multiplied per pass over the weights (registers: 4 accumulators a row)
@@ -142,13 +142,6 @@ def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 PAIRS_SOURCE = Path(__file__).with_name("csrc") / "products_avx512.cpp"
 PAIRS_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fno-math-errno",
                "-fopenmp", "-shared", "-fPIC")
-
-
-def pair_units() -> bool:
-    """Whether this CPU has AVX512-BF16 and VNNI without AMX, and torch uses AVX-512."""
-    flags = cpu_flags()
-    return (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16")
-            and {"avx512_bf16", "avx512_vnni"} <= flags and "amx_bf16" not in flags)
 
 
 @functools.cache

@@ -48,6 +48,10 @@ class Packer:
         self._in_flight.clear()
 
 
+# oneDNN's post-ops (attribute, scalars, algorithm) for the activations that equal torch's functions
+POST_OPS = {"relu": ("relu", [], ""), "gelu": ("gelu", [], "none"), "gelu_pytorch_tanh": ("gelu", [], "tanh")}
+
+
 class PackedLinear(nn.Module):
     """A Linear whose weight is packed as it is loaded (CPU): in oneDNN's blocked layout, for `rows`
     rows, or (kernel "bf16") in pairs of inputs for blip2's own bfloat16 product.
@@ -94,6 +98,15 @@ class PackedLinear(nn.Module):
             y = cpu_kernels.bf16_mm(rows, self.weight, self.bias, self.out_features)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """activation(self(x)) with oneDNN applying it to the float32 sums (models.layers.activated),
+        or None where this layer cannot (blip2's own kernel, an activation oneDNN lacks)."""
+        if self.kernel != "onednn" or activation not in POST_OPS:
+            return None
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias,
+                                               *POST_OPS[activation])
         return y.view(*x.shape[:-1], self.out_features)
 
 
