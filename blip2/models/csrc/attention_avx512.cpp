@@ -27,27 +27,17 @@ inline __m512 exp_nonpositive(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-// w[n / 16][k / 2][16][2] from rows[n][k] of 16-bit values (row stride `stride`), zeros past n and k.
-void pairs_of_rows(const uint16_t* rows, int64_t n, int64_t k, int64_t stride, uint16_t* w) {
-    const int64_t pairs = (k + 1) / 2;
+// w[n / 16][k / 2][16][2] from the n x k matrix whose element (r, c) is at src[r * r_stride + c * c_stride]
+// (the keys: positions x dims; the values: dims x positions), zeros past n and k. Value by value: a
+// vectorised layout (a gather per line for the keys, two rows interleaved for the values) saved 1 of
+// 13 ms a ViT-g layer of 8 images.
+void pairs_of(const uint16_t* src, int64_t n, int64_t k, int64_t r_stride, int64_t c_stride, uint16_t* w) {
     for (int64_t b = 0; b < (n + 15) / 16; ++b)
-        for (int64_t p = 0; p < pairs; ++p)
+        for (int64_t p = 0; p < (k + 1) / 2; ++p)
             for (int64_t j = 0; j < 16; ++j)
                 for (int64_t t = 0; t < 2; ++t) {
                     const int64_t r = b * 16 + j, c = 2 * p + t;
-                    *w++ = r < n && c < k ? rows[r * stride + c] : 0;
-                }
-}
-
-// The same layout of columns[k][n] (the values: n outputs, one per column, k positions).
-void pairs_of_columns(const uint16_t* columns, int64_t n, int64_t k, int64_t stride, uint16_t* w) {
-    const int64_t pairs = (k + 1) / 2;
-    for (int64_t b = 0; b < (n + 15) / 16; ++b)
-        for (int64_t p = 0; p < pairs; ++p)
-            for (int64_t j = 0; j < 16; ++j)
-                for (int64_t t = 0; t < 2; ++t) {
-                    const int64_t r = b * 16 + j, c = 2 * p + t;
-                    *w++ = r < n && c < k ? columns[c * stride + r] : 0;
+                    *w++ = r < n && c < k ? src[r * r_stride + c * c_stride] : 0;
                 }
 }
 
@@ -77,7 +67,7 @@ extern "C" void blip2_image_attention(const uint16_t* q, const uint16_t* k, cons
                 for (int64_t l = 0; l < length; ++l) std::memcpy(&packed_q[l * dim], qh + l * strides[2], dim * 2);
                 qh = packed_q.data();
             }
-            pairs_of_rows(kh, length, dim, strides[5], keys.data());
+            pairs_of(kh, length, dim, strides[5], 1, keys.data());
             const Output to_scores{scores.data(), 0, nullptr, 0, nullptr, nullptr, length};
             for (int64_t p = 0; p < panels(length); ++p)
                 one_panel<Bf16>(reinterpret_cast<const uint32_t*>(qh), length, dim_pairs, keys.data(), to_scores, p,
@@ -107,7 +97,7 @@ extern "C" void blip2_image_attention(const uint16_t* q, const uint16_t* k, cons
                 }
                 if (length % 2) p[length] = 0;
             }
-            pairs_of_columns(vh, dim, length, strides[8], values.data());
+            pairs_of(vh, dim, length, 1, strides[8], values.data());
             const Output to_out{out + (b * length * heads + h) * dim, 1, nullptr, 0, nullptr, nullptr, dim, heads * dim};
             for (int64_t p = 0; p < panels(dim); ++p)
                 one_panel<Bf16>(reinterpret_cast<const uint32_t*>(probabilities.data()), length, length_even / 2,
