@@ -218,8 +218,11 @@ def test_cli_info_and_missing_model(ckpt, capsys, tmp_path):
     # which kernels the layers run on, as chosen at load for this CPU
     products = bfloat16.split("products: ")[1]
     assert "language model: " in products and "vision and Q-Former: " in products
-    if kernel_for(torch.bfloat16) == "bf16":
+    attention = bfloat16.split("attention: ")[1]
+    assert "image encoder: " in attention and "decoding steps: " in attention
+    if kernel_for(torch.bfloat16) == "bf16":  # the pair tiles: products and the image attention
         assert "language model: blip2 AVX-512 bfloat16" in products
+        assert "image encoder: blip2 AVX-512" in attention
     assert main(["info", "--model", str(tmp_path / "nope")]) == 1
     assert "not a checkpoint directory" in capsys.readouterr().err
 

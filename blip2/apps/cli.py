@@ -28,6 +28,7 @@ from ..engine.generation import GenerationConfig
 from ..engine.pipeline import load
 from ..hub import DEFAULT_MODEL, resolve
 from ..inputs.images import ImageWarning, load_image
+from ..models.layers import attention_kernels
 from ..quant.formats import GROUP_SIZE, Quantization
 from ..quant.linear import QuantizedLinear
 from ..quant.packed import PackedLinear
@@ -155,6 +156,7 @@ def _info(args: argparse.Namespace) -> int:
           f"image token: {cfg.image_token_index}, end of sequence: {cfg.eos_token_ids}")
     print(f"dtype: {model.dtype}, device: {model.device}, loaded in {model.load_seconds:.2f} s")
     print(f"products: {_products(model)}")
+    print(f"attention: {attention_kernels(model.dtype, model.device)}")
     return 0
 
 

@@ -183,6 +183,14 @@ def cpu_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return out
 
 
+def attention_kernels(dtype: torch.dtype, device: torch.device) -> str:
+    """Which attention a model of this dtype on this device runs (for `blip2 info`)."""
+    cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
+    image = "blip2 AVX-512" if cpu_bf16 and _image_attention_library() is not None else "torch's"
+    decoding = "blip2 one-query kernel" if cpu_bf16 and _decoding_library() is not None else "torch's"
+    return f"image encoder: {image}; decoding steps: {decoding}"
+
+
 class KVCache:
     """Preallocated keys and values for every layer: [layers, batch, heads, max_len, head_dim].
 
