@@ -80,6 +80,45 @@ def test_bf16_product_rounds_the_exact_product(m, k, n, bias):
     assert m == 0 or rel_err(y.float(), F.linear(x, w, b).float()) < 5e-3  # and oneDNN's, within rounding
 
 
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("m,k,n,bias", [(1, 2560, 1024, True), (2, 70, 13, False), (3, 33, 40, True), (7, 300, 50, True),
+                                        (13, 1030, 100, False), (1, 5, 64, False), (0, 8, 8, True)])
+def test_f32_product_equals_the_exact_product(m, k, n, bias):
+    # Decoding rows (four blocks at once), tiles of 1-6 rows, n not a multiple of 16, chunks of 256
+    # and 1024 inputs: float32 sums, summed in order, within a few times torch's distance to float64.
+    torch.manual_seed(m * 1000 + k + n)
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    b = torch.randn(n) if bias else None
+    y = cpu_kernels.f32_mm(x, cpu_kernels.f32_layout(w), b, n)
+    exact = x.double() @ w.double().t() + (0 if b is None else b.double())
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert m == 0 or rel_err(y.double(), exact) <= max(4 * rel_err(F.linear(x, w, b).double(), exact), 2e-6)
+
+
+@pytest.mark.skipif(cpu_kernels.library() is None, reason="needs AVX2 and a C++ compiler")
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_float32_language_model_on_blip2_product_equals_plain(lm, ckpt_root, monkeypatch):
+    # The f32 kernel (chosen on AVX2 CPUs) forced here on any x86 CPU: logits as the plain path's
+    # within float32's rounding, beam search's tokens identical.
+    cfg = tiny_config(lm, num_decoder_layers=2) if lm == "t5" else tiny_config(lm)
+    path = write_checkpoint(ckpt_root / f"f32-{lm}", cfg, seed=43)
+    monkeypatch.setattr(blip2.engine.pipeline, "kernel_for", lambda dtype: "f32")
+    ours = blip2.load(path, dtype="float32")
+    layers = [m for m in ours.model.language_model.modules() if isinstance(m, PackedLinear)]
+    assert layers and {m.kernel for m in layers} == {"f32"}
+    monkeypatch.setattr(blip2.engine.pipeline, "can_pack", lambda *a: False)
+    plain = blip2.load(path, dtype="float32")
+    ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
+    dec = None if lm == "opt" else torch.tensor([[0, 4, 5], [0, 6, 7]])
+    px = pixels(2, 28)
+    with torch.inference_mode():
+        assert rel_err(ours.forward(px, ids, mask, dec), plain.forward(px, ids, mask, dec)) < 1e-5
+        gen = GenerationConfig(num_beams=3, max_new_tokens=6)
+        a = generate(ours.model, ours.model.encode_images(px), ids, mask, gen)
+        b = generate(plain.model, plain.model.encode_images(px), ids, mask, gen)
+    assert [s.token_ids for r in a for s in r] == [s.token_ids for r in b for s in r]
+
+
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_fused_activations_round_once(activation, dtype):

@@ -350,9 +350,9 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
             # encoder, where the plain product first copies the bias into every output row (one
             # image 11-17% faster, scripts/cpu_ab.py). A weight tied to another stays plain: that
             # one's module reads the same tensor. A float32 language model is packed for one row,
-            # which decodes fastest (see PACK_FOR_ROWS); a bfloat16 one, where it can, for blip2's own
-            # product, which decodes faster than oneDNN's (the vision encoder keeps oneDNN's: equal
-            # on many rows, and AMX-capable).
+            # which decodes fastest (see PACK_FOR_ROWS), or on AVX2 CPUs for blip2's own float32
+            # product; a bfloat16 one, where it can, for blip2's own product, which decodes faster than
+            # oneDNN's (the vision encoder keeps oneDNN's: equal on many rows, and AMX-capable).
             tied = {name.removesuffix(".weight") for name in model.tied_weights}
             kernel = kernel_for(dtype)
             if kernel == "bf16":  # a tied head and its table share one packed tensor

@@ -1,5 +1,5 @@
-"""blip2's own CPU products: int8 and int4 weights for up to 256 rows (decoding, prompts) on AVX2
-machines, dynamic int8 activations on int8 vector units, and bfloat16 on AVX512-BF16.
+"""blip2's own CPU products: int8 and int4 weights for up to 256 rows (decoding, prompts) and float32
+weights on AVX2 machines, dynamic int8 activations on int8 vector units, and bfloat16 on AVX512-BF16.
 
 torch's CPU weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) are
 vectorised for AVX-512; on an AVX2-only CPU they read a decoded token's weights well below the
@@ -48,7 +48,8 @@ def library() -> ctypes.CDLL | None:
         return None
     ptr = ctypes.c_void_p
     lib = load(SOURCE, FLAGS, {"blip2_int4_mm": [ptr, _INT, _INT, ptr, ptr, _INT, _INT, ptr, ctypes.c_int],
-                               "blip2_int8_mm": [ptr, _INT, _INT, ptr, ptr, ctypes.c_int, _INT, ptr, ctypes.c_int]},
+                               "blip2_int8_mm": [ptr, _INT, _INT, ptr, ptr, ctypes.c_int, _INT, ptr, ctypes.c_int],
+                               "blip2_f32_mm": [ptr, _INT, _INT, ptr, ptr, _INT, ptr, ctypes.c_int]},
                "int8/int4 products use torch's CPU kernels (slower on an AVX2 machine)")
     if lib is not None:
         lib.blip2_int4_mm.restype = ctypes.c_int  # nonzero: out of memory
@@ -83,6 +84,24 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
     if m and library().blip2_int4_mm(x.data_ptr(), m, k, weight.data_ptr(), scales_and_zeros.data_ptr(), n, group_size,
                                y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("blip2_int4_mm: out of memory")
+    return y
+
+
+def f32_layout(weight: torch.Tensor) -> torch.Tensor:
+    """A weight [N, K] in float32 as f32_mm reads it: [ceil(N/16), K, 16], padded with zeros."""
+    n, k = weight.shape
+    padded = torch.nn.functional.pad(weight.float(), (0, 0, 0, -n % 16))
+    return padded.view(-1, 16, k).transpose(1, 2).contiguous()
+
+
+def f32_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [M, K] (float32) times a weight in f32_layout with N outputs, plus a float32 bias: [M, N]."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        library().blip2_f32_mm(x.data_ptr(), m, k, weight.data_ptr(), None if bias is None else bias.data_ptr(), n,
+                               y.data_ptr(), torch.get_num_threads())
     return y
 
 

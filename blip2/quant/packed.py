@@ -54,7 +54,8 @@ POST_OPS = {"relu": ("relu", [], ""), "gelu": ("gelu", [], "none"), "gelu_pytorc
 
 class PackedLinear(nn.Module):
     """A Linear whose weight is packed as it is loaded (CPU): in oneDNN's blocked layout, for `rows`
-    rows, or (kernel "bf16") in pairs of inputs for blip2's own bfloat16 product.
+    rows, or (kernel "bf16") in pairs of inputs for blip2's own bfloat16 product, or (kernel "f32",
+    AVX2 CPUs) in blocks of 16 outputs for blip2's own float32 product.
 
     The bf16 kernel reads a decoding row's weights at about 1.4x oneDNN's speed and multiplies prompts
     at the same rate (CPUs with AVX512-BF16 and without AMX); it sums in oneDNN's order (full-size
@@ -65,7 +66,8 @@ class PackedLinear(nn.Module):
     (one row at a time, bound by reading the weights) runs up to twice as fast: the plain path
     re-lays out the weight on every call. In float32 F.linear is MKL's product, which oneDNN's beats
     1.35x at one row and 2-2.7x at 8-48 rows on an AVX2 AMD EPYC (results differ in rounding,
-    ~1e-6 relative). Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
+    ~1e-6 relative); blip2's f32 kernel reads a decoding row's weights about 1.4x faster than oneDNN's
+    on AVX2 and matches it on many rows (cpu_kernels.f32_mm). Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
     full-size bfloat16 load), keeps peak memory at the final size.
     """
 
@@ -79,8 +81,8 @@ class PackedLinear(nn.Module):
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
         if name == "weight":
-            pack = (cpu_kernels.bf16_layout if self.kernel == "bf16"
-                    else functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=self.rows))
+            pack = {"bf16": cpu_kernels.bf16_layout, "f32": cpu_kernels.f32_layout}.get(
+                self.kernel, functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=self.rows))
             self._packing = _submit(self.packer, pack, value)
             return
         self._parameters[name] = nn.Parameter(value, requires_grad=False)
@@ -96,6 +98,8 @@ class PackedLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if self.kernel == "bf16":
             y = cpu_kernels.bf16_mm(rows, self.weight, self.bias, self.out_features)
+        elif self.kernel == "f32":
+            y = cpu_kernels.f32_mm(rows, self.weight, self.bias, self.out_features)
         else:
             y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
@@ -155,8 +159,13 @@ def _packed_now(pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tens
 
 def kernel_for(dtype: torch.dtype) -> str:
     """The kernel a language model's packed layers use in `dtype`: blip2's own bfloat16 product where
-    the CPU has AVX512-BF16 without AMX and it builds, else oneDNN's."""
-    return "bf16" if dtype == torch.bfloat16 and cpu_kernels.pairs_library() is not None else "onednn"
+    the CPU has AVX512-BF16 without AMX, its own float32 product on AVX2 CPUs (where those build),
+    else oneDNN's."""
+    if dtype == torch.bfloat16 and cpu_kernels.pairs_library() is not None:
+        return "bf16"
+    if dtype == torch.float32 and cpu_kernels.preferred():
+        return "f32"
+    return "onednn"
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:

@@ -1,9 +1,12 @@
-// blip2's int8 and int4 products for AVX2 CPUs (see cpu_kernels.py): built on first use with
+// blip2's int8, int4 and float32 products for AVX2 CPUs (see cpu_kernels.py): built on first use with
 // g++ -O3 -mavx2 -mfma -fopenmp -shared -fPIC -DCHUNK=2, loaded with ctypes.
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include <algorithm>
+#include <vector>
 
 // One block of 32 output rows for MC activation rows. w: the block's codes, [K, 16] bytes, byte d of
 // column k holding row d in its low nibble and row 16 + d in its high one. sz: the block's first
@@ -158,4 +161,99 @@ extern "C" int blip2_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t
   free(xs);
   free(xq);
   return 0;
+}
+
+// float32 products on a weight laid out once, at load, as w[n / 16][k][16] (16 outputs of one input
+// in 64 bytes; n padded with zeros): y[m, n] = x[m, k] w^T + bias. A decoding row (m <= 2) multiplies
+// four blocks at once, four weight streams, which read about 1.4x faster than oneDNN's AVX2 product
+// of a weight packed for one row; more rows go block by block in register tiles of 6 rows x 16
+// outputs over chunks of 256 inputs that stay in L1, at oneDNN's rate.
+namespace f32 {
+
+constexpr int64_t KC = 256;
+
+template <int MR>
+inline void tile(const float *x, int64_t K, const float *w, int64_t k0, int64_t k1, float *s, bool first) {
+  __m256 lo[MR], hi[MR];
+  for (int i = 0; i < MR; i++) lo[i] = hi[i] = _mm256_setzero_ps();
+  for (int64_t k = k0; k < k1; k++) {
+    const __m256 l0 = _mm256_loadu_ps(w + k * 16), l1 = _mm256_loadu_ps(w + k * 16 + 8);
+    for (int i = 0; i < MR; i++) {
+      const __m256 b = _mm256_broadcast_ss(x + i * K + k);
+      lo[i] = _mm256_fmadd_ps(l0, b, lo[i]);
+      hi[i] = _mm256_fmadd_ps(l1, b, hi[i]);
+    }
+  }
+  for (int i = 0; i < MR; i++) {
+    float *p = s + i * 16;
+    _mm256_storeu_ps(p, first ? lo[i] : _mm256_add_ps(_mm256_loadu_ps(p), lo[i]));
+    _mm256_storeu_ps(p + 8, first ? hi[i] : _mm256_add_ps(_mm256_loadu_ps(p + 8), hi[i]));
+  }
+}
+
+// m rows of x times one block, inputs k0..k1; sums: m x 16
+inline void block_rows(const float *x, int64_t m, int64_t K, const float *w, int64_t k0, int64_t k1, float *sums) {
+  const bool first = k0 == 0;
+  int64_t i = 0;
+  for (; i + 6 <= m; i += 6) tile<6>(x + i * K, K, w, k0, k1, sums + i * 16, first);
+  switch (m - i) {
+    case 5: tile<5>(x + i * K, K, w, k0, k1, sums + i * 16, first); break;
+    case 4: tile<4>(x + i * K, K, w, k0, k1, sums + i * 16, first); break;
+    case 3: tile<3>(x + i * K, K, w, k0, k1, sums + i * 16, first); break;
+    case 2: tile<2>(x + i * K, K, w, k0, k1, sums + i * 16, first); break;
+    case 1: tile<1>(x + i * K, K, w, k0, k1, sums + i * 16, first); break;
+  }
+}
+
+// one row times nb <= 4 consecutive blocks, inputs k0..k1; sums: nb x 16
+inline void row_blocks(const float *x, int64_t K, const float *w, int nb, int64_t k0, int64_t k1, float *sums) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+  for (int64_t k = k0; k < k1; k++) {
+    const __m256 b = _mm256_broadcast_ss(x + k);
+    for (int j = 0; j < nb; j++) {
+      acc[2 * j] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (j * K + k) * 16), b, acc[2 * j]);
+      acc[2 * j + 1] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (j * K + k) * 16 + 8), b, acc[2 * j + 1]);
+    }
+  }
+  for (int j = 0; j < 2 * nb; j++) {
+    float *p = sums + j * 8;
+    _mm256_storeu_ps(p, k0 == 0 ? acc[j] : _mm256_add_ps(_mm256_loadu_ps(p), acc[j]));
+  }
+}
+
+// sums (rows x `width`, of which `cols` are outputs from col0) plus bias into y
+inline void write(const float *sums, int64_t rows, int64_t width, int64_t cols, int64_t col0, const float *bias,
+                  float *y, int64_t n) {
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++) y[r * n + col0 + c] = sums[r * width + c] + (bias ? bias[col0 + c] : 0.f);
+}
+
+}  // namespace f32
+
+extern "C" void blip2_f32_mm(const float *x, int64_t m, int64_t K, const float *w, const float *bias, int64_t n,
+                             float *y, int threads) {
+  const int64_t blocks = (n + 15) / 16;
+  if (m <= 2) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t q = 0; q < (blocks + 3) / 4; q++) {
+      float sums[2 * 64];
+      const int nb = (int)std::min<int64_t>(4, blocks - q * 4);
+      for (int64_t k0 = 0; k0 < K; k0 += 4 * f32::KC)
+        for (int64_t r = 0; r < m; r++)
+          f32::row_blocks(x + r * K, K, w + q * 4 * K * 16, nb, k0, std::min(K, k0 + 4 * f32::KC), sums + r * 64);
+      f32::write(sums, m, 64, std::min<int64_t>(64, n - q * 64), q * 64, bias, y, n);
+    }
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> sums(m * 16);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+      for (int64_t k0 = 0; k0 < K; k0 += f32::KC)
+        f32::block_rows(x, m, K, w + b * K * 16, k0, std::min(K, k0 + f32::KC), sums.data());
+      f32::write(sums.data(), m, 16, std::min<int64_t>(16, n - b * 16), b * 16, bias, y, n);
+    }
+  }
 }
