@@ -90,7 +90,8 @@ def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tenso
 def f32_layout(weight: torch.Tensor) -> torch.Tensor:
     """A weight [N, K] in float32 as f32_mm reads it: [ceil(N/16), K, 16], padded with zeros."""
     n, k = weight.shape
-    padded = torch.nn.functional.pad(weight.float(), (0, 0, 0, -n % 16))
+    weight = weight.float()
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, -n % 16)) if n % 16 else weight  # no copy where whole
     return padded.view(-1, 16, k).transpose(1, 2).contiguous()
 
 
