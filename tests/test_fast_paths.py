@@ -30,7 +30,7 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
     # Flan-T5's head is its own and is packed. OPT's is tied to its embedding: it stays plain, except
     # for the bf16 kernel, where the two share one packed table.
-    lm_model, own_kernel = packed.model.language_model, kernel_for(getattr(torch, dtype)) == "bf16"
+    lm_model, own_kernel = packed.model.language_model, kernel_for(getattr(torch, dtype)) in ("bf16", "f32")
     assert isinstance(lm_model.lm_head, PackedLinear) == (lm == "t5" or own_kernel)
     if lm == "opt" and own_kernel:
         assert lm_model.lm_head.weight is lm_model.model.decoder.embed_tokens.weight
@@ -106,8 +106,13 @@ def test_float32_language_model_on_blip2_product_equals_plain(lm, ckpt_root, mon
     ours = blip2.load(path, dtype="float32")
     layers = [m for m in ours.model.language_model.modules() if isinstance(m, PackedLinear)]
     assert layers and {m.kernel for m in layers} == {"f32"}
+    if lm == "opt":  # the head tied to the token embedding shares its packed table
+        lm_model = ours.model.language_model
+        assert lm_model.lm_head.weight is lm_model.model.decoder.embed_tokens.weight
     monkeypatch.setattr(blip2.engine.pipeline, "can_pack", lambda *a: False)
     plain = blip2.load(path, dtype="float32")
+    every_token = torch.arange(ours.config.text.vocab_size)[None]
+    assert torch.equal(ours.model.language_model.embed(every_token), plain.model.language_model.embed(every_token))
     ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
     dec = None if lm == "opt" else torch.tensor([[0, 4, 5], [0, 6, 7]])
     px = pixels(2, 28)

@@ -354,15 +354,15 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
             # product; a bfloat16 one, where it can, for blip2's own product, which decodes faster than
             # oneDNN's (the vision encoder keeps oneDNN's: equal on many rows, and AMX-capable).
             tied = {name.removesuffix(".weight") for name in model.tied_weights}
-            kernel = kernel_for(dtype)
-            if kernel == "bf16":  # a tied head and its table share one packed tensor
+            kernel, rows = kernel_for(dtype), 1 if dtype == torch.float32 else PACK_FOR_ROWS
+            if kernel in ("bf16", "f32"):  # a tied head and its table share one packed tensor
                 for head, table in model.tied_weights.items():
                     if head.startswith("language_model.") and dtype_of(head) == dtype_of(table) == dtype:
-                        pack_tied_head(model, head.removesuffix(".weight"), table.removesuffix(".weight"), packer)
+                        pack_tied_head(model, head.removesuffix(".weight"), table.removesuffix(".weight"), packer,
+                                       kernel, rows)
             plain = lambda prefix: lambda name: f"{prefix}{name}" not in tied and dtype_of(  # noqa: E731
                 f"{prefix}{name}.weight") == dtype
-            pack_linears(model.language_model, plain("language_model."), packer,
-                         1 if dtype == torch.float32 else PACK_FOR_ROWS, kernel)
+            pack_linears(model.language_model, plain("language_model."), packer, rows, kernel)
             pack_linears(model.vision_model, plain("vision_model."), packer)
     try:
         with unfragmented_heap():

@@ -26,6 +26,7 @@ from ..checkpoint import read_checkpoint
 from ..inputs.prompts import VQA_PROMPT
 from ..inputs.tokenizer import T5_MAX_PROMPT
 from .formats import Quantization, _pack_nibbles, dequantize_weight, quantize_weight
+from .packed import PackedEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def calibrated_parts(model, layers: dict[str, Quantization], images: Sequence, t
     rounding makes up for the error its inputs already carry."""
     m = model.model
     modules = {name: m.get_submodule(name) for name in layers}
-    linear = [name for name in layers if not isinstance(modules[name], torch.nn.Embedding)]
+    linear = [name for name in layers if not isinstance(modules[name], (torch.nn.Embedding, PackedEmbedding))]
     inputs = _calibration_inputs(model, images, texts)
     reads = {key.removesuffix(".weight"): read for key, _, read, _ in read_checkpoint(model.path)
              if key.removesuffix(".weight") in linear}

@@ -115,34 +115,41 @@ class PackedLinear(nn.Module):
 
 
 class PackedEmbedding(nn.Module):
-    """A token embedding whose table is laid out for the bf16 kernel, so that an output head tied to
-    it (OPT's lm_head, a PackedLinear with kernel "bf16") multiplies the same tensor at that kernel's
-    speed rather than the plain product's; lookups gather their rows from the layout."""
+    """A token embedding whose table is laid out for blip2's own product (kernel "bf16" or "f32"), so
+    that an output head tied to it (OPT's lm_head, a PackedLinear of the same kernel) multiplies the
+    same tensor at that kernel's speed rather than the plain product's; lookups gather their rows from
+    the layout."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, packer: Packer | None = None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, packer: Packer | None = None, kernel: str = "bf16"):
         super().__init__()
-        self.num_embeddings, self.embedding_dim, self.packer = num_embeddings, embedding_dim, packer
+        self.num_embeddings, self.embedding_dim, self.packer, self.kernel = num_embeddings, embedding_dim, packer, kernel
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
-        self._packing = _submit(self.packer, cpu_kernels.bf16_layout, value)
+        layout = cpu_kernels.bf16_layout if self.kernel == "bf16" else cpu_kernels.f32_layout
+        self._packing = _submit(self.packer, layout, value)
 
     finish_loading = PackedLinear.finish_loading
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "f32":  # [N/16, K, 16]: row r is column r % 16 of block r // 16
+            return self.weight[ids // 16, :, ids % 16]
         return cpu_kernels.pair_rows(self.weight, ids, self.embedding_dim)
 
 
-def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer) -> None:
+def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer, kernel: str, rows: int) -> None:
     """Replace, before loading, an nn.Linear head and the nn.Embedding it is tied to by a PackedLinear
-    (kernel "bf16") and a PackedEmbedding sharing one packed table."""
+    and a PackedEmbedding of blip2's own `kernel` ("bf16" or "f32") sharing one packed table; a head
+    or table that is not plain (quantized) is left as it is."""
+    linear, embedding = model.get_submodule(head), model.get_submodule(table)
+    if type(linear) is not nn.Linear or type(embedding) is not nn.Embedding:
+        return
     parent, _, name = head.rpartition(".")
-    linear = model.get_submodule(head)
     setattr(model.get_submodule(parent), name,
-            PackedLinear(linear.in_features, linear.out_features, linear.bias is not None, kernel="bf16"))
+            PackedLinear(linear.in_features, linear.out_features, linear.bias is not None, rows, kernel=kernel))
     parent, _, name = table.rpartition(".")
-    embedding = model.get_submodule(table)
-    setattr(model.get_submodule(parent), name, PackedEmbedding(embedding.num_embeddings, embedding.embedding_dim, packer))
+    setattr(model.get_submodule(parent), name,
+            PackedEmbedding(embedding.num_embeddings, embedding.embedding_dim, packer, kernel))
 
 
 def _submit(packer: Packer | None, pack: Callable[[torch.Tensor], torch.Tensor],
