@@ -66,7 +66,7 @@ class PackedLinear(nn.Module):
     (one row at a time, bound by reading the weights) runs up to twice as fast: the plain path
     re-lays out the weight on every call. In float32 F.linear is MKL's product, which oneDNN's beats
     1.35x at one row and 2-2.7x at 8-48 rows on an AVX2 AMD EPYC (results differ in rounding,
-    ~1e-6 relative); blip2's f32 kernel reads a decoding row's weights about 1.4x faster than oneDNN's
+    ~1e-6 relative); blip2's f32 kernel reads a decoding row's weights 1.2-1.5x faster than oneDNN's
     on AVX2 and matches it on many rows (cpu_kernels.f32_mm). Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
     full-size bfloat16 load), keeps peak memory at the final size.
     """
