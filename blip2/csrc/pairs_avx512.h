@@ -95,6 +95,11 @@ struct Output {
     int64_t stride = 0;  // elements from one row of y to the next; 0: n
 };
 
+// The lanes of 16 that hold values when `remaining` are left (all 16 from 16 on).
+inline __mmask16 tail_mask(int64_t remaining) {
+    return remaining >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << remaining) - 1);
+}
+
 inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
 }
@@ -102,7 +107,7 @@ inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
 void write_row(const float* sums, int64_t row, int64_t col0, int64_t cols, const Output& out) {
     const int64_t stride = out.stride ? out.stride : out.n;
     for (int64_t c = 0; c < cols; c += 16) {
-        const __mmask16 mask = cols - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (cols - c)) - 1);
+        const __mmask16 mask = tail_mask(cols - c);
         const int64_t at = col0 + c;
         __m512 v = _mm512_loadu_ps(sums + c);
         if (out.column_scales)

@@ -76,13 +76,13 @@ extern "C" void blip2_image_attention(const uint16_t* q, const uint16_t* k, cons
                 float* row = &scores[r * length];
                 __m512 largest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
                 for (int64_t c = 0; c < length; c += 16) {
-                    const __mmask16 mask = length - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (length - c)) - 1);
+                    const __mmask16 mask = tail_mask(length - c);
                     largest = _mm512_max_ps(largest, _mm512_mask_loadu_ps(largest, mask, row + c));
                 }
                 const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(largest) * scale);
                 __m512 total = _mm512_setzero_ps();
                 for (int64_t c = 0; c < length; c += 16) {
-                    const __mmask16 mask = length - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (length - c)) - 1);
+                    const __mmask16 mask = tail_mask(length - c);
                     const __m512 e = exp_nonpositive(
                         _mm512_sub_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + c), _mm512_set1_ps(scale)), top));
                     total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
@@ -91,7 +91,7 @@ extern "C" void blip2_image_attention(const uint16_t* q, const uint16_t* k, cons
                 const __m512 inverse = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
                 uint16_t* p = &probabilities[r * length_even];
                 for (int64_t c = 0; c < length; c += 16) {
-                    const __mmask16 mask = length - c >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (length - c)) - 1);
+                    const __mmask16 mask = tail_mask(length - c);
                     const __m512 e = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, row + c), inverse);
                     _mm256_mask_storeu_epi16(p + c, mask, (__m256i)_mm512_cvtneps_pbh(e));
                 }
