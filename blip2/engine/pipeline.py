@@ -355,11 +355,10 @@ def load(path: str | Path = DEFAULT_MODEL, dtype: str | torch.dtype | None = Non
             # oneDNN's (the vision encoder keeps oneDNN's: equal on many rows, and AMX-capable).
             tied = {name.removesuffix(".weight") for name in model.tied_weights}
             kernel, rows = kernel_for(dtype), 1 if dtype == torch.float32 else PACK_FOR_ROWS
-            if kernel in ("bf16", "f32"):  # a tied head and its table share one packed tensor
-                for head, table in model.tied_weights.items():
-                    if head.startswith("language_model.") and dtype_of(head) == dtype_of(table) == dtype:
-                        pack_tied_head(model, head.removesuffix(".weight"), table.removesuffix(".weight"), packer,
-                                       kernel, rows)
+            for head, table in model.tied_weights.items():  # on blip2's kernels: one packed tensor for both
+                if head.startswith("language_model.") and dtype_of(head) == dtype_of(table) == dtype:
+                    pack_tied_head(model, head.removesuffix(".weight"), table.removesuffix(".weight"), packer,
+                                   kernel, rows)
             plain = lambda prefix: lambda name: f"{prefix}{name}" not in tied and dtype_of(  # noqa: E731
                 f"{prefix}{name}.weight") == dtype
             pack_linears(model.language_model, plain("language_model."), packer, rows, kernel)

@@ -95,6 +95,11 @@ def f32_layout(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 16, k).transpose(1, 2).contiguous()
 
 
+def f32_rows(weight: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows `ids` of a [N, k] table held in f32_layout (token embeddings): [*ids.shape, k]."""
+    return weight[ids // 16, :, ids % 16]  # row r is column r % 16 of block r // 16
+
+
 def f32_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
     """x [M, K] (float32) times a weight in f32_layout with N outputs, plus a float32 bias: [M, N]."""
     x = x.float().contiguous()

@@ -48,6 +48,10 @@ class Packer:
         self._in_flight.clear()
 
 
+# blip2's own kernels (the rest is oneDNN's): how each lays out a weight, and reads a table's rows
+OWN_LAYOUTS = {"bf16": (cpu_kernels.bf16_layout, cpu_kernels.pair_rows),
+               "f32": (cpu_kernels.f32_layout, cpu_kernels.f32_rows)}
+
 # oneDNN's post-ops (attribute, scalars, algorithm) for the activations that equal torch's functions
 POST_OPS = {"relu": ("relu", [], ""), "gelu": ("gelu", [], "none"), "gelu_pytorch_tanh": ("gelu", [], "tanh")}
 
@@ -67,8 +71,9 @@ class PackedLinear(nn.Module):
     re-lays out the weight on every call. In float32 F.linear is MKL's product, which oneDNN's beats
     1.35x at one row and 2-2.7x at 8-48 rows on an AVX2 AMD EPYC (results differ in rounding,
     ~1e-6 relative); blip2's f32 kernel reads a decoding row's weights 1.2-1.5x faster than oneDNN's
-    on AVX2 and matches it on many rows (cpu_kernels.f32_mm). Packing at load time, one weight at a time on a second thread (0.5-1 s off a 9 s
-    full-size bfloat16 load), keeps peak memory at the final size.
+    on AVX2 and matches it on many rows (cpu_kernels.f32_mm). Packing at load time, one weight at a
+    time on a second thread (0.5-1 s off a 9 s full-size bfloat16 load), keeps peak memory at the
+    final size.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rows: int = PACK_FOR_ROWS,
@@ -81,8 +86,8 @@ class PackedLinear(nn.Module):
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
         if name == "weight":
-            pack = {"bf16": cpu_kernels.bf16_layout, "f32": cpu_kernels.f32_layout}.get(
-                self.kernel, functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=self.rows))
+            pack = (OWN_LAYOUTS[self.kernel][0] if self.kernel in OWN_LAYOUTS
+                    else functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=self.rows))
             self._packing = _submit(self.packer, pack, value)
             return
         self._parameters[name] = nn.Parameter(value, requires_grad=False)
@@ -126,23 +131,21 @@ class PackedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
-        layout = cpu_kernels.bf16_layout if self.kernel == "bf16" else cpu_kernels.f32_layout
-        self._packing = _submit(self.packer, layout, value)
+        self._packing = _submit(self.packer, OWN_LAYOUTS[self.kernel][0], value)
 
     finish_loading = PackedLinear.finish_loading
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "f32":  # [N/16, K, 16]: row r is column r % 16 of block r // 16
-            return self.weight[ids // 16, :, ids % 16]
-        return cpu_kernels.pair_rows(self.weight, ids, self.embedding_dim)
+        return OWN_LAYOUTS[self.kernel][1](self.weight, ids, self.embedding_dim)
 
 
 def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer, kernel: str, rows: int) -> None:
     """Replace, before loading, an nn.Linear head and the nn.Embedding it is tied to by a PackedLinear
-    and a PackedEmbedding of blip2's own `kernel` ("bf16" or "f32") sharing one packed table; a head
-    or table that is not plain (quantized) is left as it is."""
+    and a PackedEmbedding of blip2's own `kernel` ("bf16" or "f32") sharing one packed table. On
+    oneDNN's kernel (whose packed form has no rows to look up), or where the head or the table is not
+    plain (quantized), both are left as they are."""
     linear, embedding = model.get_submodule(head), model.get_submodule(table)
-    if type(linear) is not nn.Linear or type(embedding) is not nn.Embedding:
+    if kernel not in OWN_LAYOUTS or type(linear) is not nn.Linear or type(embedding) is not nn.Embedding:
         return
     parent, _, name = head.rpartition(".")
     setattr(model.get_submodule(parent), name,
