@@ -14,20 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import blip2
-from blip2.apps.bench.machine import memory_read_gbs, stored_shapes, work
+from blip2.apps.bench.machine import memory_read_gbs, seconds, stored_shapes, work
 from blip2.apps.bench.checkpoints import write_images
-
-
-def _timed(f) -> float:
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -42,7 +35,7 @@ def main() -> int:
     step_bytes = step_params * torch.empty(0, dtype=model.dtype).element_size()
     image = write_images(Path("/tmp/blip2-decode-floor"), 1)[0]
     prompt = "Question: how many dogs are in the picture? Answer:"
-    answer = lambda n: _timed(lambda: model.generate(image, prompt, max_new_tokens=n, min_new_tokens=n))  # noqa: E731
+    answer = lambda n: seconds(lambda: model.generate(image, prompt, max_new_tokens=n, min_new_tokens=n))  # noqa: E731
     answer(2)
     ratios = []
     for _ in range(args.rounds):

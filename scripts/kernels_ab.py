@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -25,14 +24,9 @@ import blip2.engine.pipeline as pipeline
 import blip2.models.layers as layers
 import blip2.models.vision as vision
 from blip2.apps.bench.checkpoints import write_images
+from blip2.apps.bench.machine import seconds
 from blip2.native import cpu_flags
 from blip2.quant import cpu_kernels
-
-
-def _timed(f) -> float:
-    start = time.perf_counter()
-    f()
-    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -60,7 +54,7 @@ def main() -> int:
     def answer(m, n: int) -> float:
         use(m)
         m._queries.clear()  # encode the image again, as a new one would be
-        return _timed(lambda: m.generate(image, prompt, max_new_tokens=n, min_new_tokens=n))
+        return seconds(lambda: m.generate(image, prompt, max_new_tokens=n, min_new_tokens=n))
 
     results: dict[str, dict[str, list[float]]] = {k: {"image": [], "token": [], "batch8": []} for k in models}
     for m in models.values():
@@ -70,7 +64,7 @@ def main() -> int:
             whole, first = answer(m, 20), answer(m, 1)
             use(m)
             m._queries.clear()
-            eight = _timed(lambda: m.generate(batch, prompt, max_new_tokens=20, min_new_tokens=20))
+            eight = seconds(lambda: m.generate(batch, prompt, max_new_tokens=20, min_new_tokens=20))
             r = results[kernel]
             r["image"].append(whole)
             r["token"].append((whole - first) / 19)

@@ -165,19 +165,20 @@ def test_cpu_image_attention_equals_torch_attention(b, h, length, d):
     assert cpu_image_attention(q.float(), k.float(), v.float()) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("b,h,length,d,mask", [(1, 32, 65, 80, "bool"), (2, 4, 7, 8, "additive"), (3, 2, 1, 64, None),
                                                (2, 8, 300, 64, "additive"), (5, 3, 20, 24, "bool")])
-def test_cpu_decoding_attention_equals_torch_attention(b, h, length, d, mask):
-    # One bfloat16 query per row over a cache narrowed to its written positions (strided views), with
-    # OPT's boolean mask or T5's additive position bias: as close to the exact result as torch's kernel.
+def test_cpu_decoding_attention_equals_torch_attention(b, h, length, d, mask, dtype):
+    # One query per row over a cache narrowed to its written positions (strided views), with OPT's
+    # boolean mask or T5's additive position bias: as close to the exact result as torch's kernel.
     torch.manual_seed(length)
-    cache_k, cache_v = torch.randn(2, b, h, length + 9, d).bfloat16(), torch.randn(2, b, h, length + 9, d).bfloat16()
+    cache_k, cache_v = torch.randn(2, b, h, length + 9, d).to(dtype), torch.randn(2, b, h, length + 9, d).to(dtype)
     k, v = cache_k[1, :, :, :length], cache_v[1, :, :, :length]
-    q = torch.randn(b, 1, h, d).bfloat16().transpose(1, 2)  # [B, H, 1, D] as the layers make it
+    q = torch.randn(b, 1, h, d).to(dtype).transpose(1, 2)  # [B, H, 1, D] as the layers make it
     keep = torch.rand(b, 1, 1, length) > 0.3
     keep[..., 0] = True
     if mask == "additive":
-        mask = (torch.randn(1, h, 1, length) + torch.where(keep, 0.0, -1e30)).bfloat16()
+        mask = (torch.randn(1, h, 1, length) + torch.where(keep, 0.0, -1e30)).to(dtype)
     elif mask == "bool":
         mask = keep
     if not _cpu_decoding(q, k, v, mask):
@@ -185,9 +186,10 @@ def test_cpu_decoding_attention_equals_torch_attention(b, h, length, d, mask):
     ours = cpu_single_query_attention(q, k, v, mask)
     exact_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
     exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=exact_mask, scale=1.0)
-    torch_bf16 = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-    assert ours.shape == torch_bf16.shape and ours.dtype == torch.bfloat16
-    assert rel_err(ours.double(), exact) <= max(rel_err(torch_bf16.double(), exact) * 1.5, 1e-3)
+    torch_result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    assert ours.shape == torch_result.shape and ours.dtype == dtype
+    floor = 1e-3 if dtype == torch.bfloat16 else 1e-6
+    assert rel_err(ours.double(), exact) <= max(rel_err(torch_result.double(), exact) * 1.5, floor)
 
 
 def test_beam_reorder_copies_what_a_whole_cache_reorder_would():
@@ -252,14 +254,15 @@ def test_generation_with_single_query_attention_equals_plain(lm, ckpt_root, monk
     assert run() == plain and used
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("lm", ["opt", "t5"])
-def test_bfloat16_decoding_with_cpu_attention_equals_torch_attention(lm, ckpt_root, monkeypatch):
-    # bfloat16 decoding steps take csrc/decoding.cpp (OPT's boolean mask; T5's position bias and
-    # its cross-attention's padding mask); beams and their scores as with torch's kernel.
+def test_decoding_with_cpu_attention_equals_torch_attention(lm, dtype, ckpt_root, monkeypatch):
+    # Decoding steps take csrc/decoding.cpp (OPT's boolean mask; T5's position bias and its
+    # cross-attention's padding mask, and its RMS norms); beams and their scores as with torch's.
     import blip2.models.layers as layers
 
     cfg = tiny_config(lm, num_decoder_layers=2) if lm == "t5" else tiny_config(lm)
-    m = blip2.load(write_checkpoint(ckpt_root / f"cpu-attention-{lm}", cfg, seed=47), dtype="bfloat16")
+    m = blip2.load(write_checkpoint(ckpt_root / f"cpu-attention-{lm}", cfg, seed=47), dtype=dtype)
     ids, mask = (opt_inputs if lm == "opt" else t5_inputs)(cfg, [[5, 6, 7], [8]])
     gen = GenerationConfig(num_beams=3, max_new_tokens=8, num_return_sequences=3)
     px = pixels(2, 28)
@@ -278,10 +281,11 @@ def test_bfloat16_decoding_with_cpu_attention_equals_torch_attention(lm, ckpt_ro
     ours = run()
     if not calls:
         pytest.skip("blip2's attention kernel is not built here (no AVX2 or no compiler)")
-    monkeypatch.setattr(layers, "_cpu_decoding", lambda *a: False)
+    monkeypatch.setattr(layers, "DECODING_DTYPES", ())  # torch's attention and norms
     theirs = run()
     assert [[t for t, _ in r] for r in ours] == [[t for t, _ in r] for r in theirs]
-    assert all(abs(a - b) < 0.05 for r, s in zip(ours, theirs) for (_, a), (_, b) in zip(r, s))
+    close = 0.05 if dtype == "bfloat16" else 1e-4
+    assert all(abs(a - b) < close for r, s in zip(ours, theirs) for (_, a), (_, b) in zip(r, s))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 45, 64), (3, 40), (1, 0, 8)])
@@ -304,3 +308,21 @@ def test_cpu_rms_norm_rounds_as_the_reference(shape):
     assert torch.equal(norm(x), fused)  # the module takes it
     assert ((fused.float() - ref.float()).abs() <= ref.float().abs() * 2**-7).all()
     assert x.numel() == 0 or (fused == ref).float().mean() > 0.999
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (2, 45, 64), (1, 0, 8)])
+def test_cpu_rms_norm_in_float32_equals_the_reference(shape):
+    # float32: no rounding between the steps; only the mean of squares sums in another order.
+    from blip2.models.layers import cpu_rms_norm
+    from blip2.models.t5 import T5LayerNorm
+
+    torch.manual_seed(shape[-1])
+    norm = T5LayerNorm(shape[-1], 1e-6).requires_grad_(False)
+    norm.weight.data = torch.randn(shape[-1]) * 0.5 + 1
+    x = torch.randn(*shape) * 3
+    fused = cpu_rms_norm(x, norm.weight, norm.eps)
+    if fused is None:
+        pytest.skip("blip2's decoding kernels are not built here (no AVX2 or no compiler)")
+    exact = norm.weight.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + norm.eps)
+    assert fused.dtype == torch.float32 and torch.equal(norm(x), fused)
+    torch.testing.assert_close(fused.double(), exact, rtol=1e-6, atol=1e-6)

@@ -72,11 +72,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
-# A decoding step's small operations on the CPU in bfloat16 (csrc/decoding.cpp): torch's fused
-# attention, tiled for many queries, and its eight operators of T5's RMS norm spend most of each call
-# setting up; these compute one query per row, and a norm in one pass.
+# A decoding step's small operations on the CPU in bfloat16 and float32 (csrc/decoding.cpp): torch's
+# fused attention, tiled for many queries, and its eight operators of T5's RMS norm spend most of
+# each call setting up; these compute one query per row, and a norm in one pass.
 DECODING_SOURCE = Path(__file__).with_name("csrc") / "decoding.cpp"
 DECODING_FLAGS = ("-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
+DECODING_DTYPES = (torch.bfloat16, torch.float32)
 
 
 @functools.cache
@@ -85,23 +86,24 @@ def _decoding_library() -> ctypes.CDLL | None:
         return None
     ptr, i64, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     return load(DECODING_SOURCE, DECODING_FLAGS,
-                {"blip2_single_query_attention": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, flag, ptr, ptr, flag],
-                 "blip2_rms_norm": [ptr, i64, i64, ptr, ctypes.c_float, ptr, flag]},
+                {"blip2_single_query_attention": [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, flag, ptr, ptr,
+                                                  flag, flag],
+                 "blip2_rms_norm": [ptr, i64, i64, ptr, ctypes.c_float, ptr, flag, flag]},
                 "decoding attention and RMS norms use torch's operators")
 
 
 def _cpu_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in DECODING_DTYPES
             and not (q.requires_grad or k.requires_grad or v.requires_grad)
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and (mask is None or mask.dtype in (torch.bool, torch.bfloat16))
+            and (mask is None or mask.dtype in (torch.bool, q.dtype))
             and _decoding_library() is not None)
 
 
 def cpu_single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                mask: torch.Tensor | None) -> torch.Tensor:
-    """`attention` for one bfloat16 query per row on the CPU (csrc/decoding.cpp): float32 scores,
-    softmax and sums, as in torch's fused kernels, in another order (within bfloat16's rounding)."""
+    """`attention` for one bfloat16 or float32 query per row on the CPU (csrc/decoding.cpp): float32
+    scores, softmax and sums, as in torch's fused kernels, in another order."""
     b, h, _, d = q.shape
     length = k.shape[2]
     out = torch.empty(b, h, 1, d, dtype=q.dtype)
@@ -113,7 +115,8 @@ def cpu_single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     _decoding_library().blip2_single_query_attention(
         q.data_ptr(), strides(q.stride(0), q.stride(1)), k.data_ptr(), v.data_ptr(),
         strides(k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)), b, h, length, d,
-        None if mask is None else mask.data_ptr(), kind, strides(*mask_strides), out.data_ptr(), torch.get_num_threads())
+        None if mask is None else mask.data_ptr(), kind, strides(*mask_strides), out.data_ptr(),
+        q.dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 
@@ -135,16 +138,16 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """T5's RMS norm of bfloat16 x with a bfloat16 weight in one pass (csrc/decoding.cpp), or None
-    where it does not apply (another dtype or device, autograd, no compiled kernel)."""
-    if not (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not x.requires_grad
-            and not weight.requires_grad and _decoding_library() is not None):
+    """T5's RMS norm of bfloat16 or float32 x with a weight of its dtype in one pass (csrc/decoding.cpp),
+    or None where it does not apply (another dtype or device, autograd, no compiled kernel)."""
+    if not (x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in DECODING_DTYPES
+            and not x.requires_grad and not weight.requires_grad and _decoding_library() is not None):
         return None
     x = x.contiguous()
     out = torch.empty_like(x)
     dim = x.shape[-1]
     _decoding_library().blip2_rms_norm(x.data_ptr(), x.numel() // dim if dim else 0, dim, weight.data_ptr(), eps,
-                                       out.data_ptr(), torch.get_num_threads())
+                                       out.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 
@@ -187,7 +190,8 @@ def attention_kernels(dtype: torch.dtype, device: torch.device) -> str:
     """Which attention a model of this dtype on this device runs (for `blip2 info`)."""
     cpu_bf16 = device.type == "cpu" and dtype == torch.bfloat16
     image = "blip2 AVX-512" if cpu_bf16 and _image_attention_library() is not None else "torch's"
-    decoding = "blip2 one-query kernel" if cpu_bf16 and _decoding_library() is not None else "torch's"
+    own_decoding = device.type == "cpu" and dtype in DECODING_DTYPES and _decoding_library() is not None
+    decoding = "blip2 one-query kernel" if own_decoding else "torch's"
     return f"image encoder: {image}; decoding steps: {decoding}"
 
 

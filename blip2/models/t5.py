@@ -24,7 +24,7 @@ class T5LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = cpu_rms_norm(x, self.weight, self.eps)  # bfloat16 on a CPU: one pass
+        fused = cpu_rms_norm(x, self.weight, self.eps)  # bfloat16 or float32 on a CPU: one pass
         if fused is not None:
             return fused
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)

@@ -45,12 +45,14 @@ def _best(fn: Callable[[], object], tries: int, device: str) -> float:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     fn = (lambda f=fn: (f(), sync()))
     fn()
-    times = []
-    for _ in range(tries):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(seconds(fn) for _ in range(tries))
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall-clock seconds of one call of fn."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def cpu_seconds() -> tuple[float, float]:
