@@ -101,10 +101,11 @@ def f32_rows(weight: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def f32_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """x [M, K] (float32) times a weight in f32_layout with N outputs, plus a float32 bias: [M, N]."""
+    """x [..., K] (float32) times a weight in f32_layout with N outputs, plus a float32 bias: [..., N]."""
     x = x.float().contiguous()
-    m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.float32)
+    k = x.shape[-1]
+    m = x.numel() // k
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
     if m:
         library().blip2_f32_mm(x.data_ptr(), m, k, weight.data_ptr(), None if bias is None else bias.data_ptr(), n,
                                y.data_ptr(), torch.get_num_threads())
@@ -211,14 +212,15 @@ def pair_rows(weight: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def bf16_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
-    """x [M, K] (bfloat16) times a weight in bf16_layout with N outputs, plus a bfloat16 bias: [M, N]."""
-    if x.shape[1] % 2:
+    """x [..., K] (bfloat16) times a weight in bf16_layout with N outputs, plus a bfloat16 bias: [..., N]."""
+    if x.shape[-1] % 2:
         x = torch.nn.functional.pad(x, (0, 1))
     x = x.contiguous()
     if bias is not None and bias.dtype != torch.bfloat16:
         bias = bias.to(torch.bfloat16)
-    m, k = x.shape
-    y = torch.empty(m, n, dtype=torch.bfloat16)
+    k = x.shape[-1]
+    m = x.numel() // k
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.bfloat16)
     if m:
         pairs_library().blip2_bf16_mm(x.data_ptr(), m, k, weight.data_ptr(), None if bias is None else bias.data_ptr(),
                                      n, y.data_ptr(), torch.get_num_threads())

@@ -100,13 +100,11 @@ class PackedLinear(nn.Module):
             del self._packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
         if self.kernel == "bf16":
-            y = cpu_kernels.bf16_mm(rows, self.weight, self.bias, self.out_features)
-        elif self.kernel == "f32":
-            y = cpu_kernels.f32_mm(rows, self.weight, self.bias, self.out_features)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+            return cpu_kernels.bf16_mm(x, self.weight, self.bias, self.out_features)
+        if self.kernel == "f32":
+            return cpu_kernels.f32_mm(x, self.weight, self.bias, self.out_features)
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def activated(self, x: torch.Tensor, activation: str) -> torch.Tensor | None:
