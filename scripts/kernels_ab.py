@@ -53,7 +53,7 @@ def main() -> int:
 
     def answer(m, n: int) -> float:
         use(m)
-        m._queries.clear()  # encode the image again, as a new one would be
+        m.close()  # forget the image's queries: encoded again, as a new one would be
         return seconds(lambda: m.generate(image, prompt, max_new_tokens=n, min_new_tokens=n))
 
     results: dict[str, dict[str, list[float]]] = {k: {"image": [], "token": [], "batch8": []} for k in models}
@@ -63,7 +63,7 @@ def main() -> int:
         for kernel, m in models.items():
             whole, first = answer(m, 20), answer(m, 1)
             use(m)
-            m._queries.clear()
+            m.close()
             eight = seconds(lambda: m.generate(batch, prompt, max_new_tokens=20, min_new_tokens=20))
             r = results[kernel]
             r["image"].append(whole)
