@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -472,6 +473,33 @@ def test_dynamic_int8_activations_close_to_the_weight_only_product(dtype):
     no_bias.dynamic_activations = True
     no_bias.load_parameter("weight", layer.weight.float() * layer.scales.float()[:, None])
     assert rel_err(no_bias(x)[others].float() + layer.bias.float(), y[others].float()) < 0.02
+
+
+def test_int8_image_layers_never_use_an_inexact_integer_product():
+    # oneDNN without VNNI (an AVX2-only CPU; here, where VNNI exists, held to AVX2 by
+    # ONEDNN_MAX_CPU_ISA) adds int8 products in saturating 16-bit lanes, so torch._int_mm is wrong:
+    # the vision encoder's int8 layers must then widen their weights instead, and stay exact.
+    import subprocess
+
+    code = """
+import torch
+from blip2.quant import cpu_kernels
+from blip2.quant.formats import Quantization
+from blip2.quant.linear import QuantizedLinear
+layer = QuantizedLinear(256, 64, True, Quantization("int8"), torch.float32)
+layer.dynamic_activations = True
+layer.load_parameter("weight", torch.randn(64, 256) * 0.02)
+layer.load_parameter("bias", torch.randn(64))
+x = torch.randn(300, 256) * 3
+exact = x.double() @ (layer.weight.double() * layer.scales.double()[:, None]).T + layer.bias.double()
+err = ((layer(x).double() - exact).norm() / exact.norm()).item()
+print(cpu_kernels.exact_int_mm(), layer.many_rows, err)
+assert cpu_kernels.exact_int_mm() or layer.many_rows != "cpu_int8_dynamic"
+assert err < (0.02 if layer.many_rows == "cpu_int8_dynamic" else 1e-5), err
+"""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 @pytest.mark.parametrize("rows", [16, 48, 96, 2112, 3072 + 32])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ CHUNK = 2  # activation rows multiplied per pass over the weights (registers: 4 
 SOURCE = Path(__file__).with_name("csrc") / "products_avx2.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", f"-DCHUNK={CHUNK}")
 _INT = ctypes.c_int64
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -128,10 +130,24 @@ def int8_units() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "amx_int8"})
 
 
+def exact_int_mm() -> bool:
+    """Whether torch._int_mm sums int8 products exactly here. Where oneDNN multiplies int8 without
+    VNNI (held to AVX2 by ONEDNN_MAX_CPU_ISA, for one) it adds pairs of products in saturating 16-bit
+    lanes, and most sums of full-range values come out wrong."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (64, 32), dtype=torch.int8, generator=g)
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
 @functools.cache
 def dynamic_library() -> ctypes.CDLL | None:
-    """The dynamic-activation passes, or None where they do not pay or cannot be built."""
+    """The dynamic-activation passes, or None where they do not pay, cannot be built, or torch's
+    integer product is not exact."""
     if not int8_units():
+        return None
+    if not exact_int_mm():
+        log.warning("torch's int8 product is not exact on this CPU: int8 layers widen their weights for many rows")
         return None
     ptr, flag = ctypes.c_void_p, ctypes.c_int
     return load(DYNAMIC_SOURCE, DYNAMIC_FLAGS,
