@@ -6,7 +6,9 @@ vectorised for AVX-512; on an AVX2-only CPU they read a decoded token's weights 
 memory's speed (int4 took as long as int8; BENCHMARKS.md, "CPU, session 9"). These products read
 the same tensors the layers hold (int8: [N, K] codes and one scale per row; int4: torch's AVX2 layout,
 quantize._cpu_int4_layout with blocks of 32 rows, and its [K/G, N, 2] bfloat16 scales and zeros).
-int8 multiplies float32 activations as they are (torch's kernels take them rounded to bfloat16).
+int8 takes each activation row in 16-bit steps of its largest value and multiplies codes and
+activations as integers, 16 columns a step (2e-5 off the exact product of the quantized weight;
+torch's kernels take the activations rounded to bfloat16).
 int4 computes, per group of G inputs,
 
     y[m, n] += s[n, g] * dx[m, g] * sum_k q[n, k] xq[m, k] + (z[n, g] - 8 s[n, g]) * sum_k x[m, k]
@@ -65,7 +67,7 @@ def preferred() -> bool:
 
 
 def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times an int8 weight [N, K] (K a multiple of 8), row n scaled by scales[n] (float32
+    """x [M, K] times an int8 weight [N, K], row n scaled by scales[n] (float32
     or bfloat16), in float32: [M, N]."""
     x = x.float().contiguous()
     m, k = x.shape

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "bf16.h"
+
 // One block of 32 output rows for MC activation rows. w: the block's codes, [K, 16] bytes, byte d of
 // column k holding row d in its low nibble and row 16 + d in its high one. sz: the block's first
 // row's (scale, zero) bfloat16 pairs; a group's pairs for all N rows are 2N values apart. xq: MC rows
@@ -66,24 +68,41 @@ static void block_rows(const int16_t *xq, int64_t K, int64_t G, const uint8_t *w
     for (int v = 0; v < 4; v++) _mm256_storeu_ps(y + m * N + 8 * v, total[m][v]);
 }
 
-// R rows of an int8 weight (w: K apart) times MC activation rows (x: K apart): dot[m][r].
+// R rows of an int8 weight (w: K apart) times MC rows of activations in 16-bit steps (xq: kq apart,
+// zeros from K to kq, kq = K rounded up to 16): integer dot products, 16 columns a step (codes
+// widened to int16, vpmaddwd), moved to float every 2048 columns before the int32 sums can overflow
+// (2048 * 127 * 32767 < 2^31). A row's last K % 16 codes are copied out first, so no read passes the
+// row. Twice the float product's rate: it widened every code to float32 and took an FMA per 8.
 template <int MC, int R>
-static void int8_rows(const float *x, int64_t K, const int8_t *w, float dot[MC][R]) {
-  __m256 acc[MC][R];
+static void int8_rows(const int16_t *xq, int64_t K, int64_t kq, const int8_t *w, float dot[MC][R]) {
+  constexpr int64_t SPAN = 2048;
+  __m256 total[MC][R];
   for (int m = 0; m < MC; m++)
-    for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < K; k += 8) {
-    __m256 q[R];
-    for (int r = 0; r < R; r++)
-      q[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + r * K + k))));
-    for (int m = 0; m < MC; m++) {
-      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-      for (int r = 0; r < R; r++) acc[m][r] = _mm256_fmadd_ps(q[r], xv, acc[m][r]);
+    for (int r = 0; r < R; r++) total[m][r] = _mm256_setzero_ps();
+  const int64_t whole = K / 16 * 16;
+  for (int64_t k0 = 0; k0 < kq; k0 += SPAN) {
+    __m256i acc[MC][R];
+    for (int m = 0; m < MC; m++)
+      for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_si256();
+    for (int64_t k = k0; k < std::min(kq, k0 + SPAN); k += 16) {
+      __m256i q[R];
+      for (int r = 0; r < R; r++) {
+        const int8_t *codes = w + r * K + k;
+        int8_t tail[16] = {};
+        if (k >= whole) codes = (const int8_t *)__builtin_memcpy(tail, codes, K - whole);
+        q[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)codes));
+      }
+      for (int m = 0; m < MC; m++) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * kq + k));
+        for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(q[r], xv));
+      }
     }
+    for (int m = 0; m < MC; m++)
+      for (int r = 0; r < R; r++) total[m][r] = _mm256_add_ps(total[m][r], _mm256_cvtepi32_ps(acc[m][r]));
   }
   for (int m = 0; m < MC; m++)
     for (int r = 0; r < R; r++) {
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[m][r]), _mm256_extractf128_ps(acc[m][r], 1));
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[m][r]), _mm256_extractf128_ps(total[m][r], 1));
       h = _mm_add_ps(h, _mm_movehl_ps(h, h));
       h = _mm_add_ss(h, _mm_movehdup_ps(h));
       dot[m][r] = _mm_cvtss_f32(h);
@@ -99,29 +118,34 @@ static inline float scale_at(const void *s, int bf16, int64_t n) {
 }
 
 template <int R>
-static void int8_block(const float *x, int64_t M, int64_t K, const int8_t *w, const void *s, int bf16,
-                       int64_t N, int64_t n, float *y) {
+static void int8_block(const int16_t *xq, const float *steps, int64_t M, int64_t K, int64_t kq, const int8_t *w,
+                       const void *s, int bf16, int64_t N, int64_t n, float *y) {
   int64_t m = 0;
   for (; m + CHUNK <= M; m += CHUNK) {
     float dot[CHUNK][R];
-    int8_rows<CHUNK, R>(x + m * K, K, w + n * K, dot);
+    int8_rows<CHUNK, R>(xq + m * kq, K, kq, w + n * K, dot);
     for (int i = 0; i < CHUNK; i++)
-      for (int r = 0; r < R; r++) y[(m + i) * N + n + r] = dot[i][r] * scale_at(s, bf16, n + r);
+      for (int r = 0; r < R; r++) y[(m + i) * N + n + r] = dot[i][r] * steps[m + i] * scale_at(s, bf16, n + r);
   }
   for (; m < M; m++) {
     float dot[1][R];
-    int8_rows<1, R>(x + m * K, K, w + n * K, dot);
-    for (int r = 0; r < R; r++) y[m * N + n + r] = dot[0][r] * scale_at(s, bf16, n + r);
+    int8_rows<1, R>(xq + m * kq, K, kq, w + n * K, dot);
+    for (int r = 0; r < R; r++) y[m * N + n + r] = dot[0][r] * steps[m] * scale_at(s, bf16, n + r);
   }
 }
 
-// y [M, N] = x [M, K] times the int8 weight [N, K] (K a multiple of 8), row n scaled by s[n]
-// (float32, or bfloat16 when bf16 is set).
+// y [M, N] = x [M, K] times the int8 weight [N, K], row n scaled by s[n] (float32, or bfloat16 when
+// bf16 is set); each row of x in 16-bit steps of its largest magnitude (over 32767), as the AVX-512
+// int8 product takes it.
 extern "C" void blip2_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, const void *s, int bf16,
                               int64_t N, float *y, int threads) {
+  const int64_t kq = (K + 15) / 16 * 16;
+  std::vector<int16_t> xq(M * kq);
+  std::vector<float> steps(M);
+  blip2::quantize_rows<int16_t, float, blip2::as_float>(x, M, K, kq, xq.data(), steps.data(), 32767.f, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < N / 4; b++) int8_block<4>(x, M, K, w, s, bf16, N, 4 * b, y);
-  for (int64_t n = N / 4 * 4; n < N; n++) int8_block<1>(x, M, K, w, s, bf16, N, n, y);
+  for (int64_t b = 0; b < N / 4; b++) int8_block<4>(xq.data(), steps.data(), M, K, kq, w, s, bf16, N, 4 * b, y);
+  for (int64_t n = N / 4 * 4; n < N; n++) int8_block<1>(xq.data(), steps.data(), M, K, kq, w, s, bf16, N, n, y);
 }
 
 // y [M, N] = x [M, K] times the int4 weight [N, K]: N a multiple of 32, K of G, G even.
