@@ -34,6 +34,11 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+# What a kernel built on blip2/csrc/pairs_avx512.h needs from the compiler (where pair_units() holds)
+PAIR_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fno-math-errno",
+              "-fopenmp", "-shared", "-fPIC")
+
+
 def pair_units() -> bool:
     """Whether blip2's products on weights laid out in pairs pay here (blip2/csrc/pairs_avx512.h): a CPU
     with AVX512-BF16 and VNNI and without AMX (whose tile units oneDNN and torch use), torch on AVX-512."""

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..native import load, pair_units
+from ..native import PAIR_FLAGS, load, pair_units
 
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -155,8 +155,6 @@ def cpu_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 # blip2's pair products pay (csrc/attention_avx512.cpp): 2.3x torch's flash attention on a ViT-g layer
 # of 8 images on an AVX-512 AMD EPYC, whose tiles are made for longer sequences.
 IMAGE_ATTENTION_SOURCE = Path(__file__).with_name("csrc") / "attention_avx512.cpp"
-IMAGE_ATTENTION_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
-                         "-fno-math-errno", "-fopenmp", "-shared", "-fPIC")
 
 
 @functools.cache
@@ -164,7 +162,7 @@ def _image_attention_library() -> ctypes.CDLL | None:
     if not pair_units():
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    return load(IMAGE_ATTENTION_SOURCE, IMAGE_ATTENTION_FLAGS,
+    return load(IMAGE_ATTENTION_SOURCE, PAIR_FLAGS,
                 {"blip2_image_attention": [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ctypes.c_float, ptr, ctypes.c_int]},
                 "the image encoder's attention uses torch's")
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..native import cpu_flags, load, pair_units
+from ..native import PAIR_FLAGS, cpu_flags, load, pair_units
 
 BLOCK = 32  # rows per block of torch's AVX2 int4 layout, the only one int4_mm reads
 CHUNK = 2  # activation rows multiplied per pass over the weights (registers: 4 accumulators a row)
@@ -184,8 +184,6 @@ def int8_dynamic_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
 # rate (docs/log.md). CPUs with AMX keep oneDNN's and torch's: their prompt and image products use
 # the tile units, which these do not.
 PAIRS_SOURCE = Path(__file__).with_name("csrc") / "products_avx512.cpp"
-PAIRS_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fno-math-errno",
-               "-fopenmp", "-shared", "-fPIC")
 
 
 @functools.cache
@@ -194,7 +192,7 @@ def pairs_library() -> ctypes.CDLL | None:
     if not pair_units():
         return None
     ptr, flag = ctypes.c_void_p, ctypes.c_int
-    return load(PAIRS_SOURCE, PAIRS_FLAGS,
+    return load(PAIRS_SOURCE, PAIR_FLAGS,
                 {"blip2_bf16_mm": [ptr, _INT, _INT, ptr, ptr, _INT, ptr, flag],
                  "blip2_int8_pairs_mm": [ptr, flag, _INT, _INT, _INT, ptr, ptr, ptr, flag, _INT, ptr, flag, ptr, flag]},
                 "bfloat16 and int8 layers use oneDNN's and torch's products")
