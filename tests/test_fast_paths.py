@@ -13,7 +13,7 @@ from blip2.engine.generation import GenerationConfig
 from blip2.engine.sessions import generate
 from blip2.models.layers import KVCache, _cpu_decoding, cpu_single_query_attention, single_query_attention
 from blip2.quant import cpu_kernels
-from blip2.quant.packed import OWN_LAYOUTS, PACK_FOR_ROWS, PackedLinear, _onednn_packs, can_pack, kernel_for
+from blip2.quant.packed import OWN_KERNELS, PACK_FOR_ROWS, PackedLinear, _onednn_packs, can_pack, kernel_for
 from checkpoints import opt_inputs, pixels, rel_err, t5_inputs, tiny_config, write_checkpoint
 
 
@@ -30,7 +30,7 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     assert any(isinstance(m, PackedLinear) for m in packed.model.modules())
     # Flan-T5's head is its own and is packed. OPT's is tied to its embedding: it stays plain, except
     # for the bf16 kernel, where the two share one packed table.
-    lm_model, own_kernel = packed.model.language_model, kernel_for(getattr(torch, dtype)) in OWN_LAYOUTS
+    lm_model, own_kernel = packed.model.language_model, kernel_for(getattr(torch, dtype)) in OWN_KERNELS
     assert isinstance(lm_model.lm_head, PackedLinear) == (lm == "t5" or own_kernel)
     if lm == "opt" and own_kernel:
         assert lm_model.lm_head.weight is lm_model.model.decoder.embed_tokens.weight

@@ -7,7 +7,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -48,9 +48,18 @@ class Packer:
         self._in_flight.clear()
 
 
-# blip2's own kernels (the rest is oneDNN's): how each lays out a weight, and reads a table's rows
-OWN_LAYOUTS = {"bf16": (cpu_kernels.bf16_layout, cpu_kernels.pair_rows),
-               "f32": (cpu_kernels.f32_layout, cpu_kernels.f32_rows)}
+class OwnKernel(NamedTuple):
+    """One of blip2's own products: how it lays out a weight, reads a table's rows from that layout,
+    and multiplies x [..., K] by it (with a bias, for N outputs)."""
+
+    layout: Callable[[torch.Tensor], torch.Tensor]
+    rows: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+    product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, int], torch.Tensor]
+
+
+# blip2's own kernels (the rest is oneDNN's)
+OWN_KERNELS = {"bf16": OwnKernel(cpu_kernels.bf16_layout, cpu_kernels.pair_rows, cpu_kernels.bf16_mm),
+               "f32": OwnKernel(cpu_kernels.f32_layout, cpu_kernels.f32_rows, cpu_kernels.f32_mm)}
 
 # oneDNN's post-ops (attribute, scalars, algorithm) for the activations that equal torch's functions
 POST_OPS = {"relu": ("relu", [], ""), "gelu": ("gelu", [], "none"), "gelu_pytorch_tanh": ("gelu", [], "tanh")}
@@ -86,7 +95,7 @@ class PackedLinear(nn.Module):
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
         if name == "weight":
-            pack = (OWN_LAYOUTS[self.kernel][0] if self.kernel in OWN_LAYOUTS
+            pack = (OWN_KERNELS[self.kernel].layout if self.kernel in OWN_KERNELS
                     else functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=self.rows))
             self._packing = _submit(self.packer, pack, value)
             return
@@ -100,10 +109,8 @@ class PackedLinear(nn.Module):
             del self._packing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "bf16":
-            return cpu_kernels.bf16_mm(x, self.weight, self.bias, self.out_features)
-        if self.kernel == "f32":
-            return cpu_kernels.f32_mm(x, self.weight, self.bias, self.out_features)
+        if self.kernel in OWN_KERNELS:
+            return OWN_KERNELS[self.kernel].product(x, self.weight, self.bias, self.out_features)
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
@@ -129,12 +136,12 @@ class PackedEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
 
     def load_parameter(self, name: str, value: torch.Tensor) -> None:
-        self._packing = _submit(self.packer, OWN_LAYOUTS[self.kernel][0], value)
+        self._packing = _submit(self.packer, OWN_KERNELS[self.kernel].layout, value)
 
     finish_loading = PackedLinear.finish_loading
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return OWN_LAYOUTS[self.kernel][1](self.weight, ids, self.embedding_dim)
+        return OWN_KERNELS[self.kernel].rows(self.weight, ids, self.embedding_dim)
 
 
 def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer, kernel: str, rows: int) -> None:
@@ -143,7 +150,7 @@ def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer, kern
     oneDNN's kernel (whose packed form has no rows to look up), or where the head or the table is not
     plain (quantized), both are left as they are."""
     linear, embedding = model.get_submodule(head), model.get_submodule(table)
-    if kernel not in OWN_LAYOUTS or type(linear) is not nn.Linear or type(embedding) is not nn.Embedding:
+    if kernel not in OWN_KERNELS or type(linear) is not nn.Linear or type(embedding) is not nn.Embedding:
         return
     parent, _, name = head.rpartition(".")
     setattr(model.get_submodule(parent), name,
