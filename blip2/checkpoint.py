@@ -106,7 +106,9 @@ def _alignment(dtype: torch.dtype) -> int:
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     """Yield (key, shape, read) for each tensor of a safetensors file; read(dtype) returns the tensor
-    in that dtype (None: as stored), reading the file only then."""
+    in that dtype (None: as stored), reading the file only then: rows=(a, b) reads those rows of the
+    first dimension, out= into that tensor, and staging(shape, dtype) gives the tensor to convert into
+    where the stored dtype is another (a buffer the caller reuses)."""
     with open(path, "rb") as f:
         header, base = _safetensors_header(path, f)
     for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -118,7 +120,7 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
             raise WeightsError(f"{path}: {key} has {end - start} bytes for shape {info['shape']}")
 
         def read(dtype: torch.dtype | None, rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-                 key=key, shape=info["shape"], stored=stored, start=start, end=end):
+                 staging: Callable | None = None, key=key, shape=info["shape"], stored=stored, start=start, end=end):
             dtype = dtype or stored
             if dtype.is_floating_point and not stored.is_floating_point:
                 # Quantized weights read as floats would be garbage, not an error further on.
@@ -130,6 +132,8 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
             with open(path, "rb", buffering=0) as f:
                 if dtype != stored and end > start:
                     mapped = _mapped(f, base + start, end - start, stored).view(shape)
+                    if out is None and staging is not None:
+                        out = staging(tuple(shape), dtype)
                     return mapped.to(dtype) if out is None else out.copy_(mapped)
                 if out is None and end > start and (base + start) % _alignment(stored) == 0:
                     return _mapped(f, base + start, end - start, stored).view(shape)  # no copy at all
@@ -175,20 +179,29 @@ def read_bin(path: Path) -> Iterator[tuple[str, tuple, Callable]]:
     except Exception as e:  # torch raises many types for corrupt zip/pickle files
         raise WeightsError(f"{path}: cannot read PyTorch weights ({type(e).__name__}: {e})") from None
     for key, t in state.items():
-        def read(dtype, rows=None, out=None, t=t):
+        def read(dtype, rows=None, out=None, staging=None, t=t):
             part = t if rows is None else t[rows[0]:rows[1]]
+            if out is None and staging is not None:
+                out = staging(tuple(part.shape), dtype or t.dtype)
             return part.to(dtype or t.dtype, copy=True) if out is None else out.copy_(part)
 
         yield key, tuple(t.shape), read
 
 
 class Rows:
-    """A stored 2-D tensor handed over a block of rows at a time, for modules that convert as they load
-    (quantized layers): the float32 token embedding alone is 0.5 GB, which would otherwise be resident
-    whole, if only for a moment."""
+    """A stored tensor handed over unread, for modules that convert as they load: quantized layers read
+    a 2-D weight a block of rows at a time (the float32 token embedding alone is 0.5 GB, which would
+    otherwise be resident whole, if only for a moment), packed ones into a buffer they reuse."""
 
     def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device, read: Callable):
         self.shape, self.dtype, self.device, self._read = torch.Size(shape), dtype, device, read
+
+    def whole(self, staging: Callable[[tuple, torch.dtype], torch.Tensor] | None = None) -> torch.Tensor:
+        """The whole tensor: a map of the file where it is stored in self.dtype (CPU), else converted
+        into staging(shape, dtype) (a new tensor without one)."""
+        if self.device.type != "cpu":
+            return self._read(self.dtype).to(self.device)
+        return self._read(self.dtype, staging=staging)
 
     def read_into(self, a: int, b: int, out: torch.Tensor) -> torch.Tensor:
         """Rows [a, b) into `out` (contiguous, of self.dtype), which is returned."""

@@ -62,6 +62,34 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     assert [s.token_ids for r in a for s in r] == [s.token_ids for r in b for s in r]
 
 
+def test_packer_converts_into_reused_buffers_and_packs_each_weight_once(tmp_path):
+    from blip2.checkpoint import Rows, read_safetensors, write_safetensors
+    from blip2.quant.packed import Packer
+
+    g = torch.Generator().manual_seed(5)
+    stored = {f"w{i}": torch.randn(48 + 16 * (i % 2), 40, generator=g) for i in range(8)}
+    write_safetensors(stored, tmp_path / "w.safetensors")
+    seen, results = [], {}
+
+    def copy(w):  # a layout that copies (as every real one does)
+        seen.append(w)  # held, so that a weight converted into memory of its own keeps its address
+        return w.t().contiguous()
+
+    def alias(w):  # one that hands its input back: that buffer must never be used again
+        return w
+
+    packer = Packer()
+    for i, (key, shape, read) in enumerate(read_safetensors(tmp_path / "w.safetensors")):
+        rows = Rows(shape, torch.bfloat16, torch.device("cpu"), read)
+        results[key] = (packer.submit(alias if i == 3 else copy, rows), i == 3)
+    packer.close()
+    for key, (future, aliased) in results.items():
+        want = stored[key].to(torch.bfloat16)
+        assert torch.equal(future.result(), want if aliased else want.t())
+    assert len({w.data_ptr() for w in seen}) <= Packer.STAGING_BUFFERS + 1  # 7 weights, at most 4 buffers
+    assert not packer._lent and not packer._free
+
+
 @pytest.mark.skipif(cpu_kernels.pairs_library() is None, reason="needs AVX512-BF16 and VNNI without AMX, and a C++ compiler")
 @pytest.mark.parametrize("m,k,n,bias", [(1, 2560, 1024, True), (1, 70, 13, False), (3, 33, 9, True), (4, 64, 16, False),
                                         (5, 3000, 50, True), (17, 1030, 200, True), (45, 256, 64, False), (0, 8, 8, True)])

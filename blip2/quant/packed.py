@@ -7,11 +7,14 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import math
+import threading
 from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
+from ..checkpoint import Rows
 from . import cpu_kernels
 
 
@@ -25,19 +28,32 @@ PACK_FOR_ROWS = 8
 class Packer:
     """Packs weights on a second thread while the loader reads and converts the next tensors (0.5-1 s
     off a 9 s full-size bfloat16 load); at most two wait, so the unpacked copies in flight stay a few
-    tens of MB. Owned by one load, which closes it; once closed, weights are packed at once."""
+    tens of MB. Owned by one load, which closes it; once closed, weights are packed at once.
+
+    A weight converted on its way in (a float32 checkpoint loaded in bfloat16) is converted into one
+    of a few staging buffers that are used again once it is packed, not into new memory: the kernel
+    zeroes every page a process touches for the first time, and zeroing a fresh copy of each weight
+    took a fifth to a quarter of a full-size load (docs/log.md, 2026-12-05)."""
+
+    STAGED_BYTES = 64 << 20  # larger tensors (token tables, read once) get memory of their own
+    STAGING_BUFFERS = 3  # one being converted, two waiting
 
     def __init__(self) -> None:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="blip2-pack")
         self._in_flight: collections.deque = collections.deque()
+        self._free: list[torch.Tensor] = []  # staging buffers (bytes) ready for the next weight
+        self._lent: dict[int, torch.Tensor] = {}  # address -> staging buffer holding a weight to pack
+        self._lock = threading.Lock()
 
-    def submit(self, pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> concurrent.futures.Future:
+    def submit(self, pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor | Rows) -> concurrent.futures.Future:
+        if isinstance(weight, Rows):
+            weight = weight.whole(self._staging)
         if self._pool is None:
-            return _packed_now(pack, weight)
+            return _packed_now(functools.partial(self._pack, pack), weight)
         while len(self._in_flight) >= 2:
             self._in_flight.popleft().result()
-        future = self._pool.submit(pack, weight)
+        future = self._pool.submit(self._pack, pack, weight)
         self._in_flight.append(future)
         return future
 
@@ -46,6 +62,31 @@ class Packer:
             self._pool.shutdown(wait=True)
         self._pool = None
         self._in_flight.clear()
+        self._free.clear()
+
+    def _staging(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > self.STAGED_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+            else:
+                buffer = torch.empty(nbytes, dtype=torch.uint8)
+            self._lent[buffer.data_ptr()] = buffer
+        return buffer[:nbytes].view(dtype).view(shape)
+
+    def _pack(self, pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
+        packed = pack(weight)
+        with self._lock:
+            buffer = self._lent.pop(weight.data_ptr(), None)
+            # oneDNN's packed weights (opaque tensors) are always new memory, blip2's layouts nearly always
+            if buffer is not None and (packed.is_mkldnn or packed.untyped_storage().data_ptr() != buffer.data_ptr()):
+                self._free.append(buffer)
+                self._free.sort(key=torch.Tensor.numel)
+                del self._free[:-self.STAGING_BUFFERS]  # the largest stay
+        return packed
 
 
 class OwnKernel(NamedTuple):
@@ -85,6 +126,8 @@ class PackedLinear(nn.Module):
     final size.
     """
 
+    loads_rows = ("weight",)  # the loader hands the weight over unread, for the packer to convert it (Packer)
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rows: int = PACK_FOR_ROWS,
                  packer: Packer | None = None, kernel: str = "onednn"):
         super().__init__()
@@ -93,7 +136,7 @@ class PackedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-    def load_parameter(self, name: str, value: torch.Tensor) -> None:
+    def load_parameter(self, name: str, value: torch.Tensor | Rows) -> None:
         if name == "weight":
             pack = (OWN_KERNELS[self.kernel].layout if self.kernel in OWN_KERNELS
                     else functools.partial(torch.ops.mkldnn._reorder_linear_weight, batch_size=self.rows))
@@ -130,12 +173,14 @@ class PackedEmbedding(nn.Module):
     same tensor at that kernel's speed rather than the plain product's; lookups gather their rows from
     the layout."""
 
+    loads_rows = PackedLinear.loads_rows
+
     def __init__(self, num_embeddings: int, embedding_dim: int, packer: Packer | None = None, kernel: str = "bf16"):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.packer, self.kernel = num_embeddings, embedding_dim, packer, kernel
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
 
-    def load_parameter(self, name: str, value: torch.Tensor) -> None:
+    def load_parameter(self, name: str, value: torch.Tensor | Rows) -> None:
         self._packing = _submit(self.packer, OWN_KERNELS[self.kernel].layout, value)
 
     finish_loading = PackedLinear.finish_loading
@@ -161,9 +206,11 @@ def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer, kern
 
 
 def _submit(packer: Packer | None, pack: Callable[[torch.Tensor], torch.Tensor],
-            weight: torch.Tensor) -> concurrent.futures.Future:
+            weight: torch.Tensor | Rows) -> concurrent.futures.Future:
     """`weight` packed by `pack` on the packer's thread, or at once where there is no packer."""
-    return packer.submit(pack, weight) if packer else _packed_now(pack, weight)
+    if packer:
+        return packer.submit(pack, weight)
+    return _packed_now(pack, weight.whole() if isinstance(weight, Rows) else weight)
 
 
 def _packed_now(pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> concurrent.futures.Future:
