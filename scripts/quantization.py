@@ -366,8 +366,12 @@ def products(rows: list[int], dtype: str = "float32", copies: int = 4) -> list[d
         for layer in layers:
             layer.finish_loading()
         weight_bytes = sum(layer.weight.numel() for layer in layers)
-        # each path is one of the layer's kernels, called directly (its forward picks one by the rows)
-        paths = {"torch": QuantizedLinear.torch_kernel, "widened": QuantizedLinear.cpu_widened}
+        # each path is one of the layer's kernels, called directly (its forward picks one by the rows);
+        # an int8 weight in the pair layout has the one product that reads it
+        if layers[0].few_rows == "pairs_product":
+            paths = {"blip2": QuantizedLinear.pairs_product}
+        else:
+            paths = {"torch": QuantizedLinear.torch_kernel, "widened": QuantizedLinear.cpu_widened}
         if layers[0].few_rows == "own_product":
             paths["blip2"] = QuantizedLinear.own_product
         for m in rows:

@@ -62,7 +62,7 @@ def test_packed_linears_equal_plain_linears(lm, dtype, ckpt_root, monkeypatch):
     assert [s.token_ids for r in a for s in r] == [s.token_ids for r in b for s in r]
 
 
-def test_packer_converts_into_reused_buffers_and_packs_each_weight_once(tmp_path):
+def test_packer_converts_weights_into_reused_staging_buffers(tmp_path):
     from blip2.checkpoint import Rows, read_safetensors, write_safetensors
     from blip2.quant.packed import Packer
 
@@ -83,11 +83,14 @@ def test_packer_converts_into_reused_buffers_and_packs_each_weight_once(tmp_path
         rows = Rows(shape, torch.bfloat16, torch.device("cpu"), read)
         results[key] = (packer.submit(alias if i == 3 else copy, rows), i == 3)
     packer.close()
-    for key, (future, aliased) in results.items():
-        want = stored[key].to(torch.bfloat16)
+    for name, (future, aliased) in results.items():
+        want = stored[name].to(torch.bfloat16)
         assert torch.equal(future.result(), want if aliased else want.t())
-    assert len({w.data_ptr() for w in seen}) <= Packer.STAGING_BUFFERS + 1  # 7 weights, at most 4 buffers
+    # 7 copied weights through the 3 buffers, and one more for the weight after the aliased one
+    assert len({w.data_ptr() for w in seen}) <= Packer.STAGING_BUFFERS + 1
     assert not packer._lent and not packer._free
+    assert torch.equal(packer.submit(copy, rows).result(), stored[key].to(torch.bfloat16).t())  # closed: at once
+    assert not packer._lent and not packer._free  # and into memory of its own
 
 
 @pytest.mark.skipif(cpu_kernels.pairs_library() is None, reason="needs AVX512-BF16 and VNNI without AMX, and a C++ compiler")

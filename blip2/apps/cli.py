@@ -162,7 +162,7 @@ def _info(args: argparse.Namespace) -> int:
 
 # What a layer's product runs on, by the kernel it chose at load (PackedLinear.kernel, QuantizedLinear.few_rows).
 _PRODUCTS = {"bf16": "blip2 AVX-512 bfloat16", "f32": "blip2 AVX2 float32", "onednn": "oneDNN packed",
-             "plain": "torch's F.linear", "pairs_product": "blip2 AVX-512 int8", "own_product": "blip2 AVX2",
+             "plain": "torch's F.linear", "pairs_product": "blip2 int8 (pair layout)", "own_product": "blip2 AVX2 int4",
              "torch_kernel": "torch's weight-only kernel", "cuda_int8_widened": "widened on the GPU",
              "cuda_int4_widened": "widened on the GPU", "cpu_widened": "the weight widened",
              "cpu_int8_dynamic": "int8 activations"}

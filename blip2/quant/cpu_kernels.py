@@ -1,15 +1,16 @@
-"""blip2's own CPU products: int8 and int4 weights for up to 256 rows (decoding, prompts) and float32
-weights on AVX2 machines, dynamic int8 activations on int8 vector units, and bfloat16 on AVX512-BF16.
+"""blip2's own CPU products: int8 weights on a layout of their own (pairs of inputs for 16 outputs)
+for every row count on AVX2 machines and on AVX512-BF16 ones without AMX, int4 weights for up to
+256 rows and float32 weights on AVX2 machines, dynamic int8 activations on int8 vector units, and
+bfloat16 on AVX512-BF16.
 
 torch's CPU weight-only kernels (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu) are
 vectorised for AVX-512; on an AVX2-only CPU they read a decoded token's weights well below the
-memory's speed (int4 took as long as int8; BENCHMARKS.md, "CPU, session 9"). These products read
-the same tensors the layers hold (int8: [N, K] codes and one scale per row; int4: torch's AVX2 layout,
-quantize._cpu_int4_layout with blocks of 32 rows, and its [K/G, N, 2] bfloat16 scales and zeros).
-int8 takes each activation row in 16-bit steps of its largest value and multiplies codes and
-activations as integers, 16 columns a step (2e-5 off the exact product of the quantized weight;
-torch's kernels take the activations rounded to bfloat16).
-int4 computes, per group of G inputs,
+memory's speed (int4 took as long as int8; docs/log.md). int8 layers hold their codes in
+pair_layout; both int8 products take each activation row in 16-bit steps of its largest value and
+multiply codes and activations as integers (2e-5 off the exact product of the quantized weight;
+torch's kernels take the activations rounded to bfloat16). int4 reads the tensors the layer holds:
+torch's AVX2 layout (quantize._cpu_int4_layout with blocks of 32 rows) and its [K/G, N, 2] bfloat16
+scales and zeros, and computes, per group of G inputs,
 
     y[m, n] += s[n, g] * dx[m, g] * sum_k q[n, k] xq[m, k] + (z[n, g] - 8 s[n, g]) * sum_k x[m, k]
 
@@ -20,8 +21,9 @@ quantized weight that is 3e-5 to 1.4e-4 off, torch's bfloat16 activations 2.3e-3
 largest value is 100x the others', as outlier features make them, still rounds those others by
 about 1e-3 at most, bfloat16's own step).
 
-They are C++ with AVX2 intrinsics (csrc/products_avx2.cpp), compiled on first use (blip2.native).
-Where there is no compiler or no AVX2, `library()` is None and the layers use torch's kernels.
+They are C++ with AVX2 intrinsics (csrc/products_avx2.cpp) or AVX-512 ones (csrc/products_avx512.cpp),
+compiled on first use (blip2.native). Where there is no compiler or no AVX2, `library()` is None and
+the layers use torch's kernels.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ CHUNK = 2  # activation rows multiplied per pass over the weights (registers: 4 
 SOURCE = Path(__file__).with_name("csrc") / "products_avx2.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", f"-DCHUNK={CHUNK}")
 _INT = ctypes.c_int64
+# blip2_int8_pairs_mm's arguments, the same in both libraries (x, x_bf16, m, k, k_even, w, scales,
+# bias, bias_bf16, n, y, y_bf16, scratch, threads)
+INT8_PAIRS_ARGS = [ctypes.c_void_p, ctypes.c_int, _INT, _INT, _INT, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int, _INT, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +58,7 @@ def library() -> ctypes.CDLL | None:
         return None
     ptr = ctypes.c_void_p
     lib = load(SOURCE, FLAGS, {"blip2_int4_mm": [ptr, _INT, _INT, ptr, ptr, _INT, _INT, ptr, ctypes.c_int],
-                               "blip2_int8_mm": [ptr, _INT, _INT, ptr, ptr, ctypes.c_int, _INT, ptr, ctypes.c_int],
+                               "blip2_int8_pairs_mm": INT8_PAIRS_ARGS,
                                "blip2_f32_mm": [ptr, _INT, _INT, ptr, ptr, _INT, ptr, ctypes.c_int]},
                "int8/int4 products use torch's CPU kernels (slower on an AVX2 machine)")
     if lib is not None:
@@ -64,18 +70,6 @@ def preferred() -> bool:
     """Whether decoding steps use these products: on AVX2 machines, where they are built. (On AVX-512
     ones torch's kernels are vectorised, and torch lays int4 weights in blocks of 64 rows.)"""
     return torch.backends.cpu.get_cpu_capability() == "AVX2" and library() is not None
-
-
-def int8_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times an int8 weight [N, K], row n scaled by scales[n] (float32
-    or bfloat16), in float32: [M, N]."""
-    x = x.float().contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    library().blip2_int8_mm(x.data_ptr(), m, k, weight.data_ptr(), scales.data_ptr(), scales.dtype == torch.bfloat16,
-                            n, y.data_ptr(), torch.get_num_threads())
-    return y
 
 
 def int4_mm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -194,8 +188,14 @@ def pairs_library() -> ctypes.CDLL | None:
     ptr, flag = ctypes.c_void_p, ctypes.c_int
     return load(PAIRS_SOURCE, PAIR_FLAGS,
                 {"blip2_bf16_mm": [ptr, _INT, _INT, ptr, ptr, _INT, ptr, flag],
-                 "blip2_int8_pairs_mm": [ptr, flag, _INT, _INT, _INT, ptr, ptr, ptr, flag, _INT, ptr, flag, ptr, flag]},
+                 "blip2_int8_pairs_mm": INT8_PAIRS_ARGS},
                 "bfloat16 and int8 layers use oneDNN's and torch's products")
+
+
+def int8_pairs_library() -> ctypes.CDLL | None:
+    """The library whose int8 product reads pair_layout here: the AVX-512 one (pair_units), else the
+    AVX2 one where decoding uses blip2's products (preferred()); None elsewhere."""
+    return pairs_library() or (library() if preferred() else None)
 
 
 def pair_layout(weight: torch.Tensor) -> torch.Tensor:
@@ -254,7 +254,7 @@ def int8_pairs_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, b
     y = torch.empty(m, n, dtype=out_dtype)
     if m:
         scratch = torch.empty(m * (k_even // 2 + 1), dtype=torch.int32)
-        pairs_library().blip2_int8_pairs_mm(
+        int8_pairs_library().blip2_int8_pairs_mm(
             x.data_ptr(), x.dtype == torch.bfloat16, m, k, k_even, weight.data_ptr(), scales.data_ptr(),
             None if bias is None else bias.data_ptr(), bias is not None and bias.dtype == torch.bfloat16, n,
             y.data_ptr(), out_dtype == torch.bfloat16, scratch.data_ptr(), torch.get_num_threads())

@@ -125,8 +125,8 @@ class QuantizedLinear(nn.Module):
         self.kernel_dtype = torch.bfloat16 if (self.q.mode == "int4" and not cpu) or (
             cpu and self.dtype == torch.float32) else self.dtype
         if self.q.mode == "int8" and self._pairs(cpu):
-            # blip2's AVX-512 product for every row count, on the weight in pairs of inputs (its
-            # float32 scales as quantized), the rows looked up from it too (a token embedding)
+            # blip2's product for every row count, on the weight in pairs of inputs (its float32
+            # scales as quantized), the rows looked up from it too (a token embedding)
             self.register_buffer("weight", cpu_kernels.pair_layout(parts["weight"]))
             self.register_buffer("scales", parts["scales"].float())
             self.few_rows, self.many_rows, self.many_from = "pairs_product", None, None
@@ -144,12 +144,18 @@ class QuantizedLinear(nn.Module):
         self.few_rows, self.many_rows, self.many_from = self._kernels(cpu, parts["weight"].device)
 
     def _pairs(self, cpu: bool) -> bool:
-        """int8 on a CPU with AVX512-BF16 and VNNI, no AMX (cpu_kernels.pair_units): blip2's product on
-        16-bit activations reads a decoding row's weights about 1.7x faster than torch's kernel and
-        multiplies prompts at the bfloat16 rate, with no widened copy. The vision encoder's layers
-        keep their int8 activations (cpu_int8_dynamic: twice the rate again on many rows)."""
-        return (cpu and not self.dynamic_activations and self.dtype in (torch.float32, torch.bfloat16)
-                and cpu_kernels.pairs_library() is not None)
+        """int8 on blip2's product on the pair layout (cpu_kernels.int8_pairs_mm). With AVX512-BF16 and
+        VNNI, no AMX (cpu_kernels.pair_units), it reads a decoding row's weights about 1.7x faster than
+        torch's kernel and multiplies prompts at the bfloat16 rate, with no widened copy; the vision
+        encoder's layers keep their int8 activations there (cpu_int8_dynamic: twice the rate again on
+        many rows). On AVX2 machines every int8 layer takes it: decoding rows read the weight as one
+        stream per block of outputs, and image patches and prompts multiply as 16-bit integers, faster
+        than the weight widened to float32 (docs/log.md)."""
+        if not (cpu and self.dtype in (torch.float32, torch.bfloat16)):
+            return False
+        if cpu_kernels.pairs_library() is not None:
+            return not self.dynamic_activations
+        return cpu_kernels.int8_pairs_library() is not None
 
     def _kernels(self, cpu: bool, device: torch.device) -> tuple[str, str | None, int | None]:
         if not cpu:
@@ -161,10 +167,9 @@ class QuantizedLinear(nn.Module):
                 if self.cuda_band is not None:
                     return few, "cuda_int4_widened", CUDA_INT4_GEMM_ROWS
             return few, None, None
-        # blip2's own products on AVX2 machines (cpu_kernels.py) for up to _OWN_GEMM_ROWS rows: the
-        # scales as the layer keeps them (int8: its dtype's; int4: bfloat16, torch's layout in blocks of 32 rows)
-        own = cpu_kernels.preferred() and (
-            self.scales.dtype in (torch.float32, torch.bfloat16) if self.q.mode == "int8" else
+        # blip2's own int4 product on AVX2 machines (cpu_kernels.py) for up to _OWN_GEMM_ROWS rows: the
+        # scales and zeros in bfloat16, torch's layout in blocks of 32 rows (int8 takes _pairs there)
+        own = cpu_kernels.preferred() and self.q.mode == "int4" and (
             cpu_int4_block() == cpu_kernels.BLOCK and self.out_features % cpu_kernels.BLOCK == 0
             and self.scales_and_zeros.dtype == torch.bfloat16)
         if (self.dynamic_activations and self.q.mode == "int8" and self.dtype in (torch.float32, torch.bfloat16)
@@ -203,13 +208,11 @@ class QuantizedLinear(nn.Module):
         return self._biased(y.to(self.dtype))
 
     def own_product(self, x: torch.Tensor) -> torch.Tensor:
-        """blip2's AVX2 products: activations in float32 (int8) or 16-bit steps (int4), not bfloat16."""
-        if self.q.mode == "int8":
-            return self._biased(cpu_kernels.int8_mm(x, self.weight, self.scales).to(self.dtype))
+        """blip2's AVX2 int4 product: activations in 16-bit steps, not bfloat16."""
         return self._biased(cpu_kernels.int4_mm(x, self.weight, self.scales_and_zeros, self.q.group_size).to(self.dtype))
 
     def pairs_product(self, x: torch.Tensor) -> torch.Tensor:
-        """blip2's AVX-512 int8 product (cpu_kernels.int8_pairs_mm): x in 16-bit steps of each row's
+        """blip2's int8 product (cpu_kernels.int8_pairs_mm): x in 16-bit steps of each row's
         largest magnitude, integer sums, the scales and the bias applied on the way out."""
         return cpu_kernels.int8_pairs_mm(x, self.weight, self.scales, self.bias, self.out_features, self.dtype)
 

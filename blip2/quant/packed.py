@@ -47,10 +47,10 @@ class Packer:
         self._lock = threading.Lock()
 
     def submit(self, pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor | Rows) -> concurrent.futures.Future:
+        if self._pool is None:
+            return _packed_now(pack, weight)
         if isinstance(weight, Rows):
             weight = weight.whole(self._staging)
-        if self._pool is None:
-            return _packed_now(functools.partial(self._pack, pack), weight)
         while len(self._in_flight) >= 2:
             self._in_flight.popleft().result()
         future = self._pool.submit(self._pack, pack, weight)
@@ -208,14 +208,12 @@ def pack_tied_head(model: nn.Module, head: str, table: str, packer: Packer, kern
 def _submit(packer: Packer | None, pack: Callable[[torch.Tensor], torch.Tensor],
             weight: torch.Tensor | Rows) -> concurrent.futures.Future:
     """`weight` packed by `pack` on the packer's thread, or at once where there is no packer."""
-    if packer:
-        return packer.submit(pack, weight)
-    return _packed_now(pack, weight.whole() if isinstance(weight, Rows) else weight)
+    return packer.submit(pack, weight) if packer else _packed_now(pack, weight)
 
 
-def _packed_now(pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor) -> concurrent.futures.Future:
+def _packed_now(pack: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor | Rows) -> concurrent.futures.Future:
     done: concurrent.futures.Future = concurrent.futures.Future()
-    done.set_result(pack(weight))
+    done.set_result(pack(weight.whole() if isinstance(weight, Rows) else weight))
     return done
 
 

@@ -68,84 +68,126 @@ static void block_rows(const int16_t *xq, int64_t K, int64_t G, const uint8_t *w
     for (int v = 0; v < 4; v++) _mm256_storeu_ps(y + m * N + 8 * v, total[m][v]);
 }
 
-// R rows of an int8 weight (w: K apart) times MC rows of activations in 16-bit steps (xq: kq apart,
-// zeros from K to kq, kq = K rounded up to 16): integer dot products, 16 columns a step (codes
-// widened to int16, vpmaddwd), moved to float every 2048 columns before the int32 sums can overflow
-// (2048 * 127 * 32767 < 2^31). A row's last K % 16 codes are copied out first, so no read passes the
-// row. 10-15% faster than widening every code to float32 for an FMA per 8 (fc1, one row, AVX2).
-template <int MC, int R>
-static void int8_rows(const int16_t *xq, int64_t K, int64_t kq, const int8_t *w, float dot[MC][R]) {
-  constexpr int64_t SPAN = 2048;
-  __m256 total[MC][R];
-  for (int m = 0; m < MC; m++)
-    for (int r = 0; r < R; r++) total[m][r] = _mm256_setzero_ps();
-  const int64_t whole = K / 16 * 16;
-  for (int64_t k0 = 0; k0 < kq; k0 += SPAN) {
-    __m256i acc[MC][R];
-    for (int m = 0; m < MC; m++)
-      for (int r = 0; r < R; r++) acc[m][r] = _mm256_setzero_si256();
-    for (int64_t k = k0; k < std::min(kq, k0 + SPAN); k += 16) {
-      __m256i q[R];
-      for (int r = 0; r < R; r++) {
-        const int8_t *codes = w + r * K + k;
-        int8_t tail[16] = {};
-        if (k >= whole) codes = (const int8_t *)__builtin_memcpy(tail, codes, K - whole);
-        q[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)codes));
-      }
-      for (int m = 0; m < MC; m++) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * kq + k));
-        for (int r = 0; r < R; r++) acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(q[r], xv));
-      }
+// int8 products on the weight in pairs of inputs for 16 outputs (cpu_kernels.pair_layout, as the
+// AVX-512 product reads it: w[n / 16][k / 2][16][2], n and k padded with zeros; one scale per output),
+// x quantized per row to 16-bit integers (its largest magnitude over 32767): each 32-byte line (inputs
+// 2p and 2p + 1 of 16 outputs) is widened to two vectors of int16 and multiplied into a broadcast pair
+// of x with vpmaddwd. The integer sums move to float every 128 pairs, before they can overflow
+// (256 * 128 * 32767 < 2^31). There is no horizontal sum and a block of 16 outputs is one stream: a
+// decoding row (m <= 2) reads four blocks at once, as the float32 product below; more rows go block by
+// block in register tiles of 6 rows over chunks of 128 pairs that stay in L1.
+namespace i8 {
+
+constexpr int64_t PC = 128;
+
+// MR rows of x (pairs apart, 32-bit words of two int16) times NB blocks over pairs p0..p1, into sums
+// (MR rows of `width`, NB * 16 each); always inlined (see f32::tile).
+template <int MR, int NB>
+__attribute__((always_inline)) static inline void tile(const int32_t *x, int64_t pairs, const int8_t *w, int64_t p0,
+                                                       int64_t p1, float *s, int64_t width, bool first) {
+  __m256i acc[MR][2 * NB];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < 2 * NB; j++) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t p = p0; p < p1; p++) {
+    __m256i line[2 * NB];  // outputs 0-7 and 8-15 of each block, their two inputs side by side
+    for (int j = 0; j < NB; j++) {
+      const int8_t *l = w + (j * pairs + p) * 32;
+      line[2 * j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)l));
+      line[2 * j + 1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(l + 16)));
     }
-    for (int m = 0; m < MC; m++)
-      for (int r = 0; r < R; r++) total[m][r] = _mm256_add_ps(total[m][r], _mm256_cvtepi32_ps(acc[m][r]));
+    for (int i = 0; i < MR; i++) {
+      const __m256i b = _mm256_set1_epi32(x[i * pairs + p]);
+      for (int j = 0; j < 2 * NB; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(line[j], b));
+    }
   }
-  for (int m = 0; m < MC; m++)
-    for (int r = 0; r < R; r++) {
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(total[m][r]), _mm256_extractf128_ps(total[m][r], 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      dot[m][r] = _mm_cvtss_f32(h);
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < 2 * NB; j++) {
+      float *q = s + i * width + j * 8;
+      const __m256 v = _mm256_cvtepi32_ps(acc[i][j]);
+      _mm256_storeu_ps(q, first ? v : _mm256_add_ps(_mm256_loadu_ps(q), v));
     }
 }
 
-static inline float scale_at(const void *s, int bf16, int64_t n) {
-  if (!bf16) return ((const float *)s)[n];
-  uint32_t bits = (uint32_t)((const uint16_t *)s)[n] << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
+// one or two rows times nb <= 4 consecutive blocks, pairs p0..p1; sums: rows x 64
+__attribute__((noinline)) static void row_blocks(const int32_t *x, int64_t rows, int64_t pairs, const int8_t *w, int nb,
+                                                 int64_t p0, int64_t p1, float *sums) {
+  for (int64_t r = 0; r < rows; r++) switch (nb) {
+      case 4: tile<1, 4>(x + r * pairs, pairs, w, p0, p1, sums + r * 64, 64, p0 == 0); break;
+      case 3: tile<1, 3>(x + r * pairs, pairs, w, p0, p1, sums + r * 64, 64, p0 == 0); break;
+      case 2: tile<1, 2>(x + r * pairs, pairs, w, p0, p1, sums + r * 64, 64, p0 == 0); break;
+      case 1: tile<1, 1>(x + r * pairs, pairs, w, p0, p1, sums + r * 64, 64, p0 == 0); break;
+    }
 }
 
-template <int R>
-static void int8_block(const int16_t *xq, const float *steps, int64_t M, int64_t K, int64_t kq, const int8_t *w,
-                       const void *s, int bf16, int64_t N, int64_t n, float *y) {
-  int64_t m = 0;
-  for (; m + CHUNK <= M; m += CHUNK) {
-    float dot[CHUNK][R];
-    int8_rows<CHUNK, R>(xq + m * kq, K, kq, w + n * K, dot);
-    for (int i = 0; i < CHUNK; i++)
-      for (int r = 0; r < R; r++) y[(m + i) * N + n + r] = dot[i][r] * steps[m + i] * scale_at(s, bf16, n + r);
-  }
-  for (; m < M; m++) {
-    float dot[1][R];
-    int8_rows<1, R>(xq + m * kq, K, kq, w + n * K, dot);
-    for (int r = 0; r < R; r++) y[m * N + n + r] = dot[0][r] * steps[m] * scale_at(s, bf16, n + r);
+// m rows of x times one block, pairs p0..p1; sums: m x 16
+__attribute__((noinline)) static void block_rows(const int32_t *x, int64_t m, int64_t pairs, const int8_t *w, int64_t p0,
+                                                 int64_t p1, float *sums) {
+  const bool first = p0 == 0;
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) tile<4, 1>(x + i * pairs, pairs, w, p0, p1, sums + i * 16, 16, first);
+  switch (m - i) {
+    case 3: tile<3, 1>(x + i * pairs, pairs, w, p0, p1, sums + i * 16, 16, first); break;
+    case 2: tile<2, 1>(x + i * pairs, pairs, w, p0, p1, sums + i * 16, 16, first); break;
+    case 1: tile<1, 1>(x + i * pairs, pairs, w, p0, p1, sums + i * 16, 16, first); break;
   }
 }
 
-// y [M, N] = x [M, K] times the int8 weight [N, K], row n scaled by s[n] (float32, or bfloat16 when
-// bf16 is set); each row of x in 16-bit steps of its largest magnitude (over 32767), as the AVX-512
-// int8 product takes it.
-extern "C" void blip2_int8_mm(const float *x, int64_t M, int64_t K, const int8_t *w, const void *s, int bf16,
-                              int64_t N, float *y, int threads) {
-  const int64_t kq = (K + 15) / 16 * 16;
-  std::vector<int16_t> xq(M * kq);
-  std::vector<float> steps(M);
-  blip2::quantize_rows<int16_t, float, blip2::as_float>(x, M, K, kq, xq.data(), steps.data(), 32767.f, threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < N / 4; b++) int8_block<4>(xq.data(), steps.data(), M, K, kq, w, s, bf16, N, 4 * b, y);
-  for (int64_t n = N / 4 * 4; n < N; n++) int8_block<1>(xq.data(), steps.data(), M, K, kq, w, s, bf16, N, n, y);
+// y[r, col0 + c] = sums[r, c] * row_scales[r] * scales[col0 + c] + bias[col0 + c], float32 or bfloat16
+inline void write(const float *sums, int64_t rows, int64_t width, int64_t cols, int64_t col0, const float *row_scales,
+                  const float *scales, const void *bias, int bias_bf16, void *y, int y_bf16, int64_t n) {
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t c = 0; c < cols; c++) {
+      const int64_t at = col0 + c;
+      float v = sums[r * width + c] * row_scales[r] * scales[at];
+      if (bias) v += bias_bf16 ? blip2::from_bf16(((const uint16_t *)bias)[at]) : ((const float *)bias)[at];
+      if (y_bf16)
+        ((uint16_t *)y)[r * n + at] = blip2::to_bf16(v);
+      else
+        ((float *)y)[r * n + at] = v;
+    }
+}
+
+}  // namespace i8
+
+// y[m, n] = (x[m, k] w[n, k]^T) * scales[n] + bias[n] for int8 w in pair_layout (k_even: its padded
+// k), x bfloat16 or float32 (x_bf16), quantized here to 16 bits a row; y bfloat16 or float32 (y_bf16);
+// bias bfloat16 or float32 (bias_bf16) or null. scratch: m * (k_even / 2 + 1) 32-bit words. The
+// AVX-512 product (products_avx512.cpp) takes the same arguments.
+extern "C" void blip2_int8_pairs_mm(const void *x, int x_bf16, int64_t m, int64_t k, int64_t k_even, const int8_t *w,
+                                    const float *scales, const void *bias, int bias_bf16, int64_t n, void *y, int y_bf16,
+                                    uint32_t *scratch, int threads) {
+  auto *q = reinterpret_cast<int16_t *>(scratch);
+  auto *row_scales = reinterpret_cast<float *>(scratch + m * (k_even / 2));
+  if (x_bf16)
+    blip2::quantize_rows<int16_t, uint16_t, blip2::from_bf16>(static_cast<const uint16_t *>(x), m, k, k_even, q,
+                                                              row_scales, 32767.f, threads);
+  else
+    blip2::quantize_rows<int16_t, float, blip2::as_float>(static_cast<const float *>(x), m, k, k_even, q, row_scales,
+                                                         32767.f, threads);
+  const auto *xp = reinterpret_cast<const int32_t *>(q);
+  const int64_t pairs = k_even / 2, blocks = (n + 15) / 16;
+  if (m <= 2) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < (blocks + 3) / 4; b++) {
+      float sums[2 * 64];
+      const int nb = (int)std::min<int64_t>(4, blocks - b * 4);
+      for (int64_t p0 = 0; p0 < pairs; p0 += i8::PC)
+        i8::row_blocks(xp, m, pairs, w + b * 4 * pairs * 32, nb, p0, std::min(pairs, p0 + i8::PC), sums);
+      i8::write(sums, m, 64, std::min<int64_t>(64, n - b * 64), b * 64, row_scales, scales, bias, bias_bf16, y, y_bf16, n);
+    }
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> sums(m * 16);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+      for (int64_t p0 = 0; p0 < pairs; p0 += i8::PC)
+        i8::block_rows(xp, m, pairs, w + b * pairs * 32, p0, std::min(pairs, p0 + i8::PC), sums.data());
+      i8::write(sums.data(), m, 16, std::min<int64_t>(16, n - b * 16), b * 16, row_scales, scales, bias, bias_bf16, y,
+                y_bf16, n);
+    }
+  }
 }
 
 // y [M, N] = x [M, K] times the int4 weight [N, K]: N a multiple of 32, K of G, G even.
