@@ -68,6 +68,33 @@ static void block_rows(const int16_t *xq, int64_t K, int64_t G, const uint8_t *w
     for (int v = 0; v < 4; v++) _mm256_storeu_ps(y + m * N + 8 * v, total[m][v]);
 }
 
+// How the products on weights in blocks of 16 outputs walk them (the int8 and float32 ones below): a
+// decoding row (m <= 2) reads four blocks at once, four streams, `four(b0, nb, sums)` filling m rows
+// of 64 sums for blocks b0.. b0 + nb; more rows go block by block, `one(b, sums)` filling m rows of
+// 16. `out(sums, width, cols, col0)` writes `cols` outputs from col0 of each row of `width` sums.
+template <class Four, class One, class Out>
+static void walk_blocks(int64_t m, int64_t n, int threads, Four four, One one, Out out) {
+  const int64_t blocks = (n + 15) / 16;
+  if (m <= 2) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t q = 0; q < (blocks + 3) / 4; q++) {
+      float sums[2 * 64];
+      four(q * 4, (int)std::min<int64_t>(4, blocks - q * 4), sums);
+      out(sums, 64, std::min<int64_t>(64, n - q * 64), q * 64);
+    }
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> sums(m * 16);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+      one(b, sums.data());
+      out(sums.data(), 16, std::min<int64_t>(16, n - b * 16), b * 16);
+    }
+  }
+}
+
 // int8 products on the weight in pairs of inputs for 16 outputs (cpu_kernels.pair_layout, as the
 // AVX-512 product reads it: w[n / 16][k / 2][16][2], n and k padded with zeros; one scale per output),
 // x quantized per row to 16-bit integers (its largest magnitude over 32767): each 32-byte line (inputs
@@ -165,29 +192,20 @@ extern "C" void blip2_int8_pairs_mm(const void *x, int x_bf16, int64_t m, int64_
     blip2::quantize_rows<int16_t, float, blip2::as_float>(static_cast<const float *>(x), m, k, k_even, q, row_scales,
                                                          32767.f, threads);
   const auto *xp = reinterpret_cast<const int32_t *>(q);
-  const int64_t pairs = k_even / 2, blocks = (n + 15) / 16;
-  if (m <= 2) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < (blocks + 3) / 4; b++) {
-      float sums[2 * 64];
-      const int nb = (int)std::min<int64_t>(4, blocks - b * 4);
-      for (int64_t p0 = 0; p0 < pairs; p0 += i8::PC)
-        i8::row_blocks(xp, m, pairs, w + b * 4 * pairs * 32, nb, p0, std::min(pairs, p0 + i8::PC), sums);
-      i8::write(sums, m, 64, std::min<int64_t>(64, n - b * 64), b * 64, row_scales, scales, bias, bias_bf16, y, y_bf16, n);
-    }
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> sums(m * 16);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-      for (int64_t p0 = 0; p0 < pairs; p0 += i8::PC)
-        i8::block_rows(xp, m, pairs, w + b * pairs * 32, p0, std::min(pairs, p0 + i8::PC), sums.data());
-      i8::write(sums.data(), m, 16, std::min<int64_t>(16, n - b * 16), b * 16, row_scales, scales, bias, bias_bf16, y,
-                y_bf16, n);
-    }
-  }
+  const int64_t pairs = k_even / 2;
+  walk_blocks(
+      m, n, threads,
+      [&](int64_t b0, int nb, float *sums) {
+        for (int64_t p0 = 0; p0 < pairs; p0 += i8::PC)
+          i8::row_blocks(xp, m, pairs, w + b0 * pairs * 32, nb, p0, std::min(pairs, p0 + i8::PC), sums);
+      },
+      [&](int64_t b, float *sums) {
+        for (int64_t p0 = 0; p0 < pairs; p0 += i8::PC)
+          i8::block_rows(xp, m, pairs, w + b * pairs * 32, p0, std::min(pairs, p0 + i8::PC), sums);
+      },
+      [&](const float *sums, int64_t width, int64_t cols, int64_t col0) {
+        i8::write(sums, m, width, cols, col0, row_scales, scales, bias, bias_bf16, y, y_bf16, n);
+      });
 }
 
 // y [M, N] = x [M, K] times the int4 weight [N, K]: N a multiple of 32, K of G, G even.
@@ -303,27 +321,18 @@ inline void write(const float *sums, int64_t rows, int64_t width, int64_t cols, 
 
 extern "C" void blip2_f32_mm(const float *x, int64_t m, int64_t K, const float *w, const float *bias, int64_t n,
                              float *y, int threads) {
-  const int64_t blocks = (n + 15) / 16;
-  if (m <= 2) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t q = 0; q < (blocks + 3) / 4; q++) {
-      float sums[2 * 64];
-      const int nb = (int)std::min<int64_t>(4, blocks - q * 4);
-      for (int64_t k0 = 0; k0 < K; k0 += 4 * f32::KC)
-        for (int64_t r = 0; r < m; r++)
-          f32::row_blocks(x + r * K, K, w + q * 4 * K * 16, nb, k0, std::min(K, k0 + 4 * f32::KC), sums + r * 64);
-      f32::write(sums, m, 64, std::min<int64_t>(64, n - q * 64), q * 64, bias, y, n);
-    }
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> sums(m * 16);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-      for (int64_t k0 = 0; k0 < K; k0 += f32::KC)
-        f32::block_rows(x, m, K, w + b * K * 16, k0, std::min(K, k0 + f32::KC), sums.data());
-      f32::write(sums.data(), m, 16, std::min<int64_t>(16, n - b * 16), b * 16, bias, y, n);
-    }
-  }
+  walk_blocks(
+      m, n, threads,
+      [&](int64_t b0, int nb, float *sums) {
+        for (int64_t k0 = 0; k0 < K; k0 += 4 * f32::KC)
+          for (int64_t r = 0; r < m; r++)
+            f32::row_blocks(x + r * K, K, w + b0 * K * 16, nb, k0, std::min(K, k0 + 4 * f32::KC), sums + r * 64);
+      },
+      [&](int64_t b, float *sums) {
+        for (int64_t k0 = 0; k0 < K; k0 += f32::KC)
+          f32::block_rows(x, m, K, w + b * K * 16, k0, std::min(K, k0 + f32::KC), sums);
+      },
+      [&](const float *sums, int64_t width, int64_t cols, int64_t col0) {
+        f32::write(sums, m, width, cols, col0, bias, y, n);
+      });
 }
