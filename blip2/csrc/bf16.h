@@ -49,4 +49,20 @@ void quantize_rows(const T* x, int64_t rows, int64_t k, int64_t k_padded, Q* q, 
     }
 }
 
+// The int8 products' activations (blip2_int8_pairs_mm, in products_avx2.cpp and products_avx512.cpp):
+// x [m, k] (bfloat16 if x_bf16, else float32) to 16-bit integers in steps of each row's largest / 32767,
+// written to scratch as m rows of k_even values (pairs of inputs, a 32-bit word each), followed by the
+// m row scales, which are returned.
+inline float* quantize_pair_rows(const void* x, int x_bf16, int64_t m, int64_t k, int64_t k_even, uint32_t* scratch,
+                                 int threads) {
+    auto* q = reinterpret_cast<int16_t*>(scratch);
+    auto* scales = reinterpret_cast<float*>(scratch + m * (k_even / 2));
+    if (x_bf16)
+        quantize_rows<int16_t, uint16_t, from_bf16>(static_cast<const uint16_t*>(x), m, k, k_even, q, scales, 32767.f,
+                                                   threads);
+    else
+        quantize_rows<int16_t, float, as_float>(static_cast<const float*>(x), m, k, k_even, q, scales, 32767.f, threads);
+    return scales;
+}
+
 }  // namespace blip2

@@ -167,11 +167,6 @@ class QuantizedLinear(nn.Module):
                 if self.cuda_band is not None:
                     return few, "cuda_int4_widened", CUDA_INT4_GEMM_ROWS
             return few, None, None
-        # blip2's own int4 product on AVX2 machines (cpu_kernels.py) for up to _OWN_GEMM_ROWS rows: the
-        # scales and zeros in bfloat16, torch's layout in blocks of 32 rows (int8 takes _pairs there)
-        own = cpu_kernels.preferred() and self.q.mode == "int4" and (
-            cpu_int4_block() == cpu_kernels.BLOCK and self.out_features % cpu_kernels.BLOCK == 0
-            and self.scales_and_zeros.dtype == torch.bfloat16)
         if (self.dynamic_activations and self.q.mode == "int8" and self.dtype in (torch.float32, torch.bfloat16)
                 and self.in_features % 8 == 0 and self.out_features % 8 == 0 and cpu_kernels.dynamic_library()):
             # The vision encoder's products (257 rows an image) on int8 vector units: as integers, each
@@ -179,7 +174,12 @@ class QuantizedLinear(nn.Module):
             # its prompt passes are few rows, and on the test checkpoints quantizing their activations
             # took Flan-T5's int8 logits error from 1.8% to 2.4%.
             self.register_buffer("float_scales", self.scales.float(), persistent=False)
-            return ("own_product" if own else "torch_kernel"), "cpu_int8_dynamic", _GEMM_ROWS["int8"]
+            return "torch_kernel", "cpu_int8_dynamic", _GEMM_ROWS["int8"]
+        # blip2's own int4 product on AVX2 machines (cpu_kernels.py) for up to _OWN_GEMM_ROWS rows: the
+        # scales and zeros in bfloat16, torch's layout in blocks of 32 rows (int8 takes _pairs there)
+        own = cpu_kernels.preferred() and self.q.mode == "int4" and (
+            cpu_int4_block() == cpu_kernels.BLOCK and self.out_features % cpu_kernels.BLOCK == 0
+            and self.scales_and_zeros.dtype == torch.bfloat16)
         # Widening needs int4 in a layout _dequantize_cpu_int4_t reads, in whole blocks
         block = cpu_int4_block()
         if self.q.mode == "int4" and not (block and self.out_features % block == 0):

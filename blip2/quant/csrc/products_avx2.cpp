@@ -183,15 +183,8 @@ inline void write(const float *sums, int64_t rows, int64_t width, int64_t cols, 
 extern "C" void blip2_int8_pairs_mm(const void *x, int x_bf16, int64_t m, int64_t k, int64_t k_even, const int8_t *w,
                                     const float *scales, const void *bias, int bias_bf16, int64_t n, void *y, int y_bf16,
                                     uint32_t *scratch, int threads) {
-  auto *q = reinterpret_cast<int16_t *>(scratch);
-  auto *row_scales = reinterpret_cast<float *>(scratch + m * (k_even / 2));
-  if (x_bf16)
-    blip2::quantize_rows<int16_t, uint16_t, blip2::from_bf16>(static_cast<const uint16_t *>(x), m, k, k_even, q,
-                                                              row_scales, 32767.f, threads);
-  else
-    blip2::quantize_rows<int16_t, float, blip2::as_float>(static_cast<const float *>(x), m, k, k_even, q, row_scales,
-                                                         32767.f, threads);
-  const auto *xp = reinterpret_cast<const int32_t *>(q);
+  const float *row_scales = blip2::quantize_pair_rows(x, x_bf16, m, k, k_even, scratch, threads);
+  const auto *xp = reinterpret_cast<const int32_t *>(scratch);
   const int64_t pairs = k_even / 2;
   walk_blocks(
       m, n, threads,

@@ -20,13 +20,7 @@ extern "C" void blip2_bf16_mm(const uint16_t* x, int64_t m, int64_t k, const uin
 extern "C" void blip2_int8_pairs_mm(const void* x, int x_bf16, int64_t m, int64_t k, int64_t k_even, const int8_t* w,
                               const float* scales, const void* bias, int bias_bf16, int64_t n, void* y, int y_bf16,
                               uint32_t* scratch, int threads) {
-    auto* q = reinterpret_cast<int16_t*>(scratch);
-    auto* row_scales = reinterpret_cast<float*>(scratch + m * (k_even / 2));
-    if (x_bf16)
-        quantize_rows<int16_t, uint16_t, from_bf16>(static_cast<const uint16_t*>(x), m, k, k_even, q, row_scales, 32767.f,
-                                                   threads);
-    else
-        quantize_rows<int16_t, float, as_float>(static_cast<const float*>(x), m, k, k_even, q, row_scales, 32767.f, threads);
+    const float* row_scales = quantize_pair_rows(x, x_bf16, m, k, k_even, scratch, threads);
     const Output out{y, y_bf16, bias, bias_bf16, row_scales, scales, n};
     product<Int8>(scratch, m, k_even / 2, w, out, threads);
 }
